@@ -1,0 +1,110 @@
+"""Get a Dask Client: a local cluster, an existing scheduler, or EC2.
+
+Optional heavy dependencies (dask-cloudprovider) are imported inside the
+function that needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fruitdask.config import config_get
+
+__all__ = ["ClusterError", "ClusterSpec", "connect", "dashboard_link"]
+
+
+class ClusterError(Exception):
+    """The cluster could not be started or reached (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Which cluster to use.
+
+    ``kind`` is ``"local"``, a scheduler address (``tcp://host:port``,
+    ``tls://...``) or ``"ec2"``.
+    """
+
+    kind: str = "local"
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | None = None
+    host: str | None = None
+    dashboard_address: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker}")
+        known = self.kind in ("local", "ec2") or "://" in self.kind
+        if not known:
+            raise ValueError(
+                f"cluster must be 'local', 'ec2' or a scheduler address like tcp://host:8786, "
+                f"got {self.kind!r}"
+            )
+
+
+def dashboard_link(client) -> str | None:
+    try:
+        return client.dashboard_link
+    except Exception:  # noqa: BLE001 - no dashboard (bokeh missing) is not an error
+        return None
+
+
+# Each worker runs one task per thread; BLAS/OpenMP thread pools inside it would
+# oversubscribe the cores (OpenCV's is switched off in fruitdask.features).
+_SINGLE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+@contextlib.contextmanager
+def connect(spec: ClusterSpec, timeout: float = 30) -> Iterator[tuple[Any, float]]:
+    """Yield ``(client, startup_seconds)``; the cluster is closed on exit, error or Ctrl-C."""
+    from distributed import Client
+
+    t0 = time.perf_counter()
+    if spec.kind == "local":
+        import dask
+        from distributed import LocalCluster
+
+        n_workers = int(config_get("cluster.workers", spec.workers) or os.cpu_count() or 1)
+        threads = int(config_get("cluster.threads-per-worker", spec.threads_per_worker))
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": _SINGLE_THREAD_ENV}):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads,
+                processes=True,
+                memory_limit=config_get("cluster.memory-limit", spec.memory_limit),
+                host=config_get("cluster.host", spec.host),
+                dashboard_address=config_get("cluster.dashboard-address", spec.dashboard_address),
+                silence_logs=40,
+            )
+        try:
+            with Client(cluster) as client:
+                yield client, time.perf_counter() - t0
+        finally:
+            cluster.close()
+    elif spec.kind == "ec2":
+        from fruitdask.aws.ec2 import ec2_cluster
+
+        with ec2_cluster(spec) as cluster, Client(cluster) as client:
+            yield client, time.perf_counter() - t0
+    else:
+        try:
+            client = Client(spec.kind, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {spec.kind}: {exc}") from None
+        try:
+            yield client, time.perf_counter() - t0
+        finally:
+            client.close()

@@ -1,0 +1,249 @@
+"""Pure image kernels: bytes -> grayscale ndarray -> ORB descriptors.
+
+No I/O, no Dask: every function here takes bytes or arrays and returns arrays,
+so it is testable without a cluster, a bucket or Spark, and the Spark parity job
+calls exactly the same code.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DESCRIPTOR_BYTES",
+    "ImageFeatures",
+    "OrbParams",
+    "decode_gray",
+    "extract",
+    "image_size",
+    "orb_descriptors",
+]
+
+#: Length of one ORB descriptor in bytes (256 binary tests).
+DESCRIPTOR_BYTES = 32
+
+# OpenCV checks its own limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 by default) only
+# after allocating; we check the declared header size first, so a 50-byte file
+# declaring 100000x100000 pixels is refused before any memory is touched.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# One thread per decode/ORB call: parallelism comes from Dask (or Spark)
+# partitions. OpenCV's own thread pool would oversubscribe the cores.
+cv2.setNumThreads(1)
+
+
+@dataclass(frozen=True)
+class OrbParams:
+    """ORB settings, OpenCV's defaults unless given.
+
+    The original EMR job used ``nfeatures=30``; OpenCV's default is 500.
+    """
+
+    nfeatures: int = 500
+    scale_factor: float = 1.2
+    nlevels: int = 8
+    edge_threshold: int = 31
+    fast_threshold: int = 20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.nfeatures < 1:
+            raise ValueError(f"nfeatures must be >= 1, got {self.nfeatures}")
+        if not self.scale_factor > 1.0:
+            raise ValueError(f"scale_factor must be > 1, got {self.scale_factor}")
+        if self.nlevels < 1:
+            raise ValueError(f"nlevels must be >= 1, got {self.nlevels}")
+        if self.edge_threshold < 0 or self.fast_threshold < 0:
+            raise ValueError("edge_threshold and fast_threshold must be >= 0")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+
+    def create(self) -> cv2.ORB:
+        """A new ``cv2.ORB`` detector with these settings."""
+        return cv2.ORB_create(
+            nfeatures=self.nfeatures,
+            scaleFactor=self.scale_factor,
+            nlevels=self.nlevels,
+            edgeThreshold=self.edge_threshold,
+            patchSize=31,
+            fastThreshold=self.fast_threshold,
+        )
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the kernel found in one image.
+
+    Attributes
+    ----------
+    width, height : int
+        Decoded size in pixels (0 when the image could not be decoded).
+    descriptors : ndarray of shape (n_keypoints, 32), dtype uint8
+        ORB descriptors; shape (0, 32) when there are none.
+    status : {"ok", "no_keypoints", "error"}
+    error : str or None
+        One-line reason when ``status == "error"``.
+    """
+
+    width: int
+    height: int
+    descriptors: np.ndarray
+    status: str
+    error: str | None = None
+
+
+_EMPTY = np.zeros((0, DESCRIPTOR_BYTES), dtype=np.uint8)
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Declared (width, height) from a PNG, JPEG, GIF, BMP or WebP header.
+
+    Returns None for formats it does not know; only the header is parsed.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return int(w), int(h)
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(int(w)), abs(int(h))
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            w = int.from_bytes(data[24:27], "little") + 1
+            h = int.from_bytes(data[27:30], "little") + 1
+            return w, h
+        if chunk == b"VP8 " and len(data) >= 30:
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if chunk == b"VP8L" and len(data) >= 25:
+            b = data[21:25]
+            w = 1 + (((b[1] & 0x3F) << 8) | b[0])
+            h = 1 + (((b[3] & 0xF) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6))
+            return w, h
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = int.from_bytes(data[i + 2 : i + 4], "big")
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return int(w), int(h)
+        i += 2 + seg
+    return None
+
+
+def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes straight to 8-bit grayscale.
+
+    Parameters
+    ----------
+    data : bytes
+        An encoded image (JPEG, PNG, GIF, BMP, TIFF, WebP ... anything OpenCV reads).
+    max_pixels : int
+        Refuse images whose declared or decoded size exceeds this many pixels
+        (decompression bombs).
+
+    Returns
+    -------
+    ndarray of shape (height, width), dtype uint8
+
+    Raises
+    ------
+    ValueError
+        With a one-line reason: empty, undecodable or too large.
+    """
+    if len(data) == 0:
+        raise ValueError("empty file (0 bytes)")
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ValueError(
+            f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels"
+        )
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # IMREAD_GRAYSCALE converts colour, RGBA, palette and 16-bit input to 8-bit
+    # gray inside the codec, which is cheaper than decoding colour then cvtColor.
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:  # OpenCV raises on some malformed headers
+        raise ValueError(f"cannot decode image: {str(exc).strip().splitlines()[-1]}") from None
+    if img is None:
+        raise ValueError("cannot decode image (not an image, or corrupt/truncated)")
+    if img.size > max_pixels:
+        raise ValueError(
+            f"image too large: {img.shape[1]}x{img.shape[0]} exceeds {max_pixels} pixels"
+        )
+    if img.dtype != np.uint8:  # defensive: IMREAD_GRAYSCALE yields 8-bit today
+        img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
+    return img
+
+
+def orb_descriptors(gray: np.ndarray, params: OrbParams | None = None, orb=None) -> np.ndarray:
+    """ORB descriptors of a grayscale image.
+
+    Parameters
+    ----------
+    gray : ndarray of shape (height, width), dtype uint8
+    params : OrbParams, optional
+        Detector settings; OpenCV defaults when omitted.
+    orb : cv2.ORB, optional
+        A detector created by ``params.create()``, reused across calls to avoid
+        re-creating it per image.
+
+    Returns
+    -------
+    ndarray of shape (n_keypoints, 32), dtype uint8
+        Empty (0, 32) when no keypoint is found (OpenCV returns None then).
+    """
+    if orb is None:
+        orb = (params or OrbParams()).create()
+    _, desc = orb.detectAndCompute(gray, None)
+    if desc is None:
+        return _EMPTY
+    return desc
+
+
+def extract(data: bytes, params: OrbParams | None = None, orb=None) -> ImageFeatures:
+    """Decode + ORB for one encoded image; never raises for bad image bytes.
+
+    Returns
+    -------
+    ImageFeatures
+        ``status`` is ``"error"`` (with the reason) for undecodable input,
+        ``"no_keypoints"`` when ORB finds nothing, else ``"ok"``.
+    """
+    params = params or OrbParams()
+    try:
+        gray = decode_gray(data, params.max_pixels)
+    except ValueError as exc:
+        return ImageFeatures(0, 0, _EMPTY, "error", str(exc))
+    h, w = gray.shape[:2]
+    try:
+        desc = orb_descriptors(gray, params, orb)
+    except cv2.error as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "ORB failed"
+        return ImageFeatures(w, h, _EMPTY, "error", f"ORB failed: {msg}")
+    status = "ok" if len(desc) else "no_keypoints"
+    return ImageFeatures(w, h, desc, status)

@@ -1,0 +1,340 @@
+"""The only module that talks to storage: list images, read bytes, write files.
+
+Everything goes through fsspec with the caller's ``storage_options`` (local
+paths, ``file://``, ``s3://`` and anything else fsspec knows). Storage errors are
+translated once, here, into :class:`StorageError` with one line naming the URL.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LISTING_COLUMNS",
+    "StorageError",
+    "filesystem",
+    "join",
+    "list_images",
+    "read_bytes",
+    "read_table",
+    "write_bytes",
+    "write_table",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LISTING_COLUMNS = ("path", "label", "split", "size")
+SPLITS = {"training": "Training", "test": "Test"}
+
+
+class StorageError(Exception):
+    """A storage failure, with a one-line message that names the URL at fault."""
+
+
+def _strip(url: str) -> str:
+    return url.rstrip("/") if len(url) > 1 else url
+
+
+def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs settings for many small objects (see shared/NOTES.md).
+
+    ``max_concurrency=1`` stops ``cat_file`` sending a HEAD before every GET
+    (~1.5 ms of client CPU per object); a bigger botocore pool lets the
+    concurrent GETs of one task share connections; short connect timeouts make an
+    unreachable endpoint fail in seconds rather than minutes.
+    """
+    opts = dict(options)
+    opts.setdefault("max_concurrency", 1)
+    ck = dict(opts.get("config_kwargs") or {})
+    ck.setdefault("max_pool_connections", 64)
+    ck.setdefault("connect_timeout", 5)
+    ck.setdefault("read_timeout", 30)
+    ck.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+    opts["config_kwargs"] = ck
+    return opts
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None):
+    """``(fs, path)`` for a URL, with fruitdask's defaults for S3.
+
+    fsspec caches instances per process, so calling this inside every task is
+    cheap and avoids shipping (non fork-safe) filesystem objects between processes.
+    """
+    options = dict(storage_options or {})
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("s3", "s3a"):
+        options = _s3_defaults(options)
+    try:
+        fs, path = url_to_fs(url, **options)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise StorageError(f"cannot open {url}: {_one_line(exc)}") from None
+    return fs, _strip(path)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/`` (works for local paths and URLs)."""
+    return posixpath.join(_strip(url), *parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def translate(exc: BaseException, url: str, action: str = "read") -> StorageError:
+    """One clear message for a storage exception (cf. ``s3fs.errors.translate_boto_error``)."""
+    name = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
+        what = "bucket" if "NoSuchBucket" in text or "bucket" in text.lower() else "path"
+        return StorageError(f"{url}: not found ({what} does not exist)")
+    if isinstance(exc, PermissionError) or any(
+        s in text
+        for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+    ):
+        return StorageError(f"{url}: access denied (check credentials and permissions)")
+    if (
+        "EndpointConnectionError" in name
+        or "ConnectTimeout" in name
+        or "Could not connect" in text
+        or isinstance(exc, (ConnectionError, TimeoutError))
+    ):
+        return StorageError(f"{url}: cannot reach the storage endpoint ({_one_line(exc)})")
+    return StorageError(f"cannot {action} {url}: {_one_line(exc)}")
+
+
+def _label_split(rel: str) -> tuple[str, str | None]:
+    parts = rel.split("/")
+    label = parts[-2] if len(parts) >= 2 else ""
+    split = None
+    for p in parts[:-1]:
+        if p.lower() in SPLITS:
+            split = SPLITS[p.lower()]
+    return label, split
+
+
+def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """List image files under a URL, recursively, in a deterministic order.
+
+    Parameters
+    ----------
+    url : str
+        A local folder or fsspec URL (``s3://bucket/prefix``).
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Returns
+    -------
+    DataFrame with columns ``path`` (relative to ``url``, ``/``-separated),
+    ``label`` (the parent folder name), ``split`` (``Training``/``Test`` ancestor
+    or None) and ``size`` (bytes), sorted by path. Only the listing is fetched,
+    never the bytes.
+
+    Raises
+    ------
+    StorageError
+        The URL does not exist, cannot be reached, access is denied, or it holds
+        no image files.
+    """
+    fs, root = filesystem(url, storage_options)
+    try:
+        if not fs.exists(root):
+            raise StorageError(f"{url}: not found (no such file, folder, bucket or prefix)")
+        if fs.isfile(root):
+            raise StorageError(f"{url}: is a file; give the folder that holds the images")
+        found = fs.find(root, detail=True, withdirs=False)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated into one line at the boundary
+        raise translate(exc, url, "list") from None
+    prefix = root.rstrip("/") + "/"
+    paths, labels, splits, sizes = [], [], [], []
+    for full, info in found.items():
+        if not full.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        rel = full[len(prefix) :] if full.startswith(prefix) else posixpath.basename(full)
+        label, split = _label_split(rel)
+        paths.append(rel)
+        labels.append(label)
+        splits.append(split)
+        sizes.append(int(info.get("size") or 0))
+    if not paths:
+        raise StorageError(
+            f"{url}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    df = pd.DataFrame(
+        {
+            "path": pd.array(paths, dtype="string"),
+            "label": pd.array(labels, dtype="string"),
+            "split": pd.array(splits, dtype="string"),
+            "size": pd.array(sizes, dtype="int64"),
+        }
+    )
+    return df.sort_values("path", kind="stable", ignore_index=True)
+
+
+def read_bytes(
+    url: str, paths: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> list[bytes | Exception]:
+    """Fetch many files under ``url`` at once; a failure is returned, not raised.
+
+    On object stores the GETs run concurrently on one pooled connection set
+    (fsspec's async batch); local files are read with plain ``open``.
+
+    Returns
+    -------
+    list of bytes or Exception, in the order of ``paths``.
+    """
+    fs, root = filesystem(url, storage_options)
+    full = [f"{root}/{p}" for p in paths]
+    if getattr(fs, "async_impl", False):
+        got = fs.cat(full, on_error="return", batch_size=64)
+        return [got.get(f, FileNotFoundError(f)) for f in full]
+    out: list[bytes | Exception] = []
+    local = _is_local(fs)
+    for f in full:
+        try:
+            if local:
+                with open(f, "rb") as fh:
+                    out.append(fh.read())
+            else:
+                out.append(fs.cat_file(f))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the partition
+            out.append(exc)
+    return out
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a whole object; atomic on local disk (temp file + rename), one PUT on S3."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        if _is_local(fs):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url, "write") from None
+
+
+def write_table(table: pa.Table, url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Write a pyarrow Table as one Parquet file (zstd); returns bytes written."""
+    buf = _io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    write_bytes(url, data, storage_options)
+    return len(data)
+
+
+def read_table(url: str, storage_options: dict[str, Any] | None = None, columns=None) -> pa.Table:
+    fs, path = filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url) from None
+
+
+def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Text of a small object, or None when it does not exist."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url) from None
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url) from None
+
+
+def ls(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names (not paths) directly under a folder URL; empty when it does not exist."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url) from None
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def remove(urls: Iterable[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Delete files (missing ones are ignored)."""
+    urls = list(urls)
+    if not urls:
+        return
+    fs, _ = filesystem(urls[0], storage_options)
+    paths = [filesystem(u, storage_options)[1] for u in urls]
+    try:
+        if _is_local(fs):
+            for p in paths:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+        else:
+            fs.rm(paths)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, urls[0], "delete") from None
+
+
+def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(url, storage_options)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url, "delete") from None
+
+
+def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail early, with one line, when the output location cannot be written."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        if _is_local(fs):
+            parent = path
+            while parent and not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.access(parent or ".", os.W_OK):
+                raise PermissionError(parent)
+        else:
+            bucket = path.split("/", 1)[0]
+            if not fs.exists(bucket):
+                raise FileNotFoundError(f"NoSuchBucket {bucket}")
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url, "write") from None
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
