@@ -578,7 +578,6 @@ def run(
             )
             for i, (rows, p) in enumerate(zip(chunks, parts, strict=True))
         ]
-        del parts
         written = 0
         for k, fut in enumerate(as_completed(writes), 1):
             written += fut.result()
@@ -586,7 +585,7 @@ def run(
                 progress("features", k, len(writes), written)
         timings["transform_write"] = time.perf_counter() - t
     except BaseException:
-        client.cancel(parts if "parts" in locals() else [])
+        client.cancel(parts)
         raise
 
     # 4. publish: model, manifest, _SUCCESS last; then drop what the old run left.
