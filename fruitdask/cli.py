@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -36,7 +36,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -302,7 +302,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         link = dashboard_link(client)
         if link and not args.quiet:
             print(f"Dask dashboard: {link}", flush=True)
-        report = contextlib.nullcontext()
+        report: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if args.report:
             from distributed import performance_report
 

@@ -64,7 +64,7 @@ class OrbParams:
 
     def create(self) -> cv2.ORB:
         """A new ``cv2.ORB`` detector with these settings."""
-        return cv2.ORB_create(
+        return cv2.ORB.create(
             nfeatures=self.nfeatures,
             scaleFactor=self.scale_factor,
             nlevels=self.nlevels,

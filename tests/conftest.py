@@ -7,6 +7,7 @@ test fixture, without its hard-coded port).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -47,12 +48,16 @@ class S3Server:
         self.root = root
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self.storage_options = {"endpoint_url": self.endpoint_url, "key": S3_KEY, "secret": S3_SECRET}
+        self.storage_options = {
+            "endpoint_url": self.endpoint_url,
+            "key": S3_KEY,
+            "secret": S3_SECRET,
+        }
         self.proc: subprocess.Popen | None = None
         self.log = root / "weed.log"
 
     def start(self, timeout: float = 60) -> None:
-        ports = [free_port() for _ in range(6)]
+        ports = [free_port() for _ in range(7)]
         cmd = [
             _weed_binary(),
             "server",
@@ -67,10 +72,34 @@ class S3Server:
             f"-filer.port.grpc={ports[5]}",
             "-s3",
             f"-s3.port={self.port}",
+            # Defaults would derive the gRPC port as port+10000 (invalid above
+            # 55535) and bind fixed Iceberg/Lance ports (8181, 9101) that two
+            # servers would fight over; telemetry would dial the internet.
+            f"-s3.port.grpc={ports[6]}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
             "-volume.max=0",
         ]
         (self.root / "data").mkdir(parents=True, exist_ok=True)
+        # With an identity configured, SeaweedFS checks signatures, so wrong
+        # credentials really fail (without one it accepts any key).
+        conf = self.root / "s3.json"
+        conf.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "fruitdask",
+                            "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        cmd.append(f"-s3.config={conf}")
         self._cmd = cmd
         self.proc = subprocess.Popen(
             cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
@@ -102,7 +131,7 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -158,12 +187,15 @@ def dask_client():
     """A real multi-process distributed cluster on loopback, shared by the session."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-        silence_logs=40,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client

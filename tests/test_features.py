@@ -104,7 +104,9 @@ def test_image_kinds_decode_to_8bit_gray():
 
 def _palette_png(w: int = 8, h: int = 8) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
     plte = bytes([0, 0, 0, 255, 255, 255])
