@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_orb_arguments(r)
     add_cluster_arguments(r)
     r.set_defaults(func=cmd_run)
+    extensions = [
+        importlib.import_module(name)
+        for name in _EXTENSIONS
+        if importlib.util.find_spec(name) is not None
+    ]
+    for ext in extensions:  # e.g. the EC2 options of `run` (dest prefixed ec2_)
+        if hasattr(ext, "add_run_arguments"):
+            ext.add_run_arguments(r)
 
     s = sub.add_parser("sample", help="generate a Fruits-360-like sample data set")
     s.add_argument("out_dir", help="folder to create")
@@ -151,9 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
     s.set_defaults(func=cmd_sample)
 
-    for name in _EXTENSIONS:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
+    for ext in extensions:
+        ext.register(sub)
     return parser
 
 
@@ -290,10 +297,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fruitdask import io, pipeline
     from fruitdask.cluster import connect, dashboard_link
 
+    spec = cluster_spec(args)
+    if spec.kind == "ec2" and getattr(args, "ec2_dry_run", False):
+        from fruitdask.aws.ec2 import describe_plan  # fruitdask[aws]
+
+        print(describe_plan(spec))  # what would be created; no AWS call
+        return 0
     if args.input is None:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args)
-    spec = cluster_spec(args)
     # Validate the input before starting a cluster: a bad URL costs no start-up.
     listing = io.list_images(cfg.input, cfg.storage_options)
     if not args.quiet:
