@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pca", choices=("incremental", "exact"), help="PCA fit (default incremental)")
     r.add_argument("--pca-batch-size", type=int, help="IncrementalPCA rows per batch")
     r.add_argument(
+        "--pca-sample",
+        type=int,
+        help="descriptors IncrementalPCA is fitted on, a uniform sample (0 = all; default 131072)",
+    )
+    r.add_argument(
         "--no-descriptors", action="store_true", help="do not keep the raw descriptors/ table"
     )
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -239,10 +244,11 @@ def _print_summary(summary, args) -> None:
         + (f" ({summary.partitions_resumed} resumed)" if summary.partitions_resumed else "")
         + f"\nstages: {stages}\n"
         f"throughput: {summary.images_per_s:,.0f} images/s (start-up excluded)\n"
-        f"pca: {summary.pca.get('method')}, {summary.pca.get('n_components')} components, "
-        f"explained variance {summary.pca.get('explained_variance_ratio', 0):.4f} "
+        f"pca: {summary.pca.get('method')}, {summary.pca.get('n_components')} components "
+        f"fitted on {summary.pca.get('fitted_on_rows', 0):,} descriptors, explained variance "
+        f"{summary.pca.get('explained_variance_ratio', 0):.4f} of all descriptors "
         f"(exact {summary.pca.get('exact_explained_variance_ratio', 0):.4f}, "
-        f"max angle to exact {summary.pca.get('max_principal_angle_to_exact_deg', 0):.3f} deg)\n"
+        f"max angle to exact {summary.pca.get('max_principal_angle_to_exact_deg', 0):.2f} deg)\n"
         f"output: {summary.output}"
     )
 
@@ -262,6 +268,7 @@ def build_run_config(args: argparse.Namespace):
             pca_method=args.pca,
             n_components=args.n_components,
             pca_batch_size=args.pca_batch_size,
+            pca_sample=args.pca_sample,
             write_descriptors=False if args.no_descriptors else None,
             overwrite=args.overwrite,
             resume=args.resume,

@@ -48,6 +48,7 @@ class RunConfig:
     pca_method: str = "incremental"
     n_components: int = 20
     pca_batch_size: int = 262144
+    pca_sample: int = 131072
     pca_svd_solver: str = "full"
     write_descriptors: bool = True
     overwrite: bool = False
@@ -69,6 +70,10 @@ class RunConfig:
             )
         if self.pca_batch_size < self.n_components:
             raise ValueError("pca batch size must be >= n-components")
+        if self.pca_sample < 0:
+            raise ValueError(
+                f"pca sample must be >= 0 (0 = every descriptor), got {self.pca_sample}"
+            )
         if self.pca_svd_solver not in ("full", "auto", "randomized", "tsqr"):
             raise ValueError(f"unknown svd solver {self.pca_svd_solver!r}")
         if self.overwrite and self.resume:
@@ -99,6 +104,7 @@ class RunConfig:
             "pca_method": "pca.method",
             "n_components": "pca.n-components",
             "pca_batch_size": "pca.batch-size",
+            "pca_sample": "pca.sample",
             "pca_svd_solver": "pca.svd-solver",
             "write_descriptors": "write-descriptors",
         }

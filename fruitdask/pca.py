@@ -2,7 +2,8 @@
 
 Two fits:
 
-* ``incremental``: dask-ml ``IncrementalPCA`` with a full SVD and large batches.
+* ``incremental``: dask-ml ``IncrementalPCA`` with a full SVD and large batches,
+  fitted on a uniform random sample of the descriptors (or all of them).
   Its defaults are neither fast nor accurate here (160-row batches; a randomized
   solver 20-50 degrees off the exact subspace, see shared/NOTES.md).
 * ``exact``: a one-pass tree reduction of per-partition moments (count, mean,
@@ -29,6 +30,7 @@ __all__ = [
     "fit_incremental",
     "moments",
     "principal_angles",
+    "variance_captured",
 ]
 
 
@@ -174,16 +176,20 @@ def exact_pca(m: Moments, n_components: int) -> PcaModel:
 def fit_incremental(
     x, n_components: int, batch_size: int = 262144, svd_solver: str = "full"
 ) -> PcaModel:
-    """Fit dask-ml ``IncrementalPCA`` on a dask array of descriptors.
+    """Fit dask-ml ``IncrementalPCA``.
 
     Parameters
     ----------
-    x : dask.array of shape (n_rows, n_features), known chunk sizes
-        Cast to float32 here (dask-ml does not cast uint8).
+    x : ndarray or dask.array of shape (n_rows, n_features), known chunk sizes
+        Cast to float32 here (dask-ml does not cast uint8). A NumPy array (e.g. a
+        sample gathered to the client) is fitted in this process with the
+        synchronous scheduler: no round trips to a cluster for a few MB of rows.
     batch_size : int
         Rows per ``partial_fit``. Large batches keep the serial walk short; each
-        batch's SVD runs as a parallel TSQR over its chunks.
+        batch's SVD runs as a TSQR over its chunks.
     """
+    import dask
+    import dask.array as da
     from dask_ml.decomposition import IncrementalPCA
 
     if x.shape[0] < n_components:
@@ -191,6 +197,9 @@ def fit_incremental(
             f"PCA with {n_components} components needs at least {n_components} "
             f"descriptors, got {x.shape[0]}"
         )
+    local = isinstance(x, np.ndarray)
+    if local:
+        x = da.from_array(np.asarray(x, dtype=np.float32), chunks=(min(batch_size, 65536), -1))
     x = x.astype(np.float32)
     batch = max(int(batch_size), n_components)
     ipca = IncrementalPCA(n_components=n_components, svd_solver=svd_solver, batch_size=batch)
@@ -200,7 +209,14 @@ def fit_incremental(
     if 0 < n % batch < n_components and n > batch:
         batch = batch + n % batch
         ipca.batch_size = batch
-    ipca.fit(x)
+    # The first partial_fit divides by a zero previous variance (harmless: dask-ml
+    # discards that value), which would print a RuntimeWarning on every run.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if local:
+            with dask.config.set(scheduler="synchronous"):
+                ipca.fit(x)
+        else:
+            ipca.fit(x)
     comps = np.asarray(ipca.components_, dtype=np.float64)
     flipped = _flip_signs(comps)
     return PcaModel(
@@ -211,6 +227,18 @@ def fit_incremental(
         n_samples=int(ipca.n_samples_seen_),
         method="incremental",
     )
+
+
+def variance_captured(model: PcaModel, m: Moments) -> float:
+    """Fraction of the variance of the data summarised by ``m`` that ``model``'s
+    subspace captures; equals the exact PCA's explained variance ratio when the
+    subspaces agree. Evaluates a model fitted on a sample against all the data."""
+    if m.n < 2:
+        return 0.0
+    cov = m.scatter / (m.n - 1)
+    total = float(np.trace(cov))
+    c = model.components
+    return float(np.einsum("ij,jk,ik->", c, cov, c) / total) if total > 0 else 0.0
 
 
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:

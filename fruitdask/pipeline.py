@@ -47,6 +47,7 @@ from fruitdask.pca import (
     exact_pca,
     moments,
     principal_angles,
+    variance_captured,
 )
 
 __all__ = [
@@ -226,11 +227,22 @@ def _summary(images: pa.Table, desc: np.ndarray, counts: np.ndarray) -> dict[str
     }
 
 
+def _sample_rows(desc: np.ndarray, index: int, cap: int) -> np.ndarray:
+    """A uniform random subset of ``cap`` rows, in random order (any prefix of it is
+    a uniform sample too); seeded by the partition index, so runs repeat."""
+    if cap >= len(desc):
+        rng = np.random.default_rng([index, 20])
+        return desc[rng.permutation(len(desc))]
+    rng = np.random.default_rng([index, 20])
+    return desc[rng.choice(len(desc), cap, replace=False)]
+
+
 def _extract_task(
     index: int,
     rows: pd.DataFrame,
     cfg: RunConfig,
     run_id: str,
+    sample_cap: int = 0,
 ) -> dict[str, Any]:
     """Worker side: read bytes, extract, write images/ and descriptors/ parts, mark done."""
     data = io.read_bytes(cfg.input, list(rows["path"]), cfg.storage_options)
@@ -252,11 +264,16 @@ def _extract_task(
         json.dumps(marker).encode(),
         so,
     )
-    return {"desc": desc, "counts": counts, "summary": summary}
+    return {
+        "desc": desc,
+        "counts": counts,
+        "summary": summary,
+        "sample": _sample_rows(desc, index, sample_cap),
+    }
 
 
 def _load_task(
-    index: int, rows: pd.DataFrame, cfg: RunConfig, run_id: str
+    index: int, rows: pd.DataFrame, cfg: RunConfig, run_id: str, sample_cap: int = 0
 ) -> dict[str, Any] | None:
     """Worker side, on --resume: reload a finished partition instead of recomputing it.
 
@@ -282,15 +299,22 @@ def _load_task(
         desc = desc.reshape(-1, features.DESCRIPTOR_BYTES).copy()
     else:
         desc = np.zeros((0, features.DESCRIPTOR_BYTES), np.uint8)
-    return {"desc": desc, "counts": counts, "summary": _summary(images, desc, counts)}
+    return {
+        "desc": desc,
+        "counts": counts,
+        "summary": _summary(images, desc, counts),
+        "sample": _sample_rows(desc, index, sample_cap),
+    }
 
 
-def _resume_or_extract(index: int, rows: pd.DataFrame, cfg: RunConfig, run_id: str) -> dict:
-    got = _load_task(index, rows, cfg, run_id)
+def _resume_or_extract(
+    index: int, rows: pd.DataFrame, cfg: RunConfig, run_id: str, sample_cap: int = 0
+) -> dict:
+    got = _load_task(index, rows, cfg, run_id, sample_cap)
     if got is not None:
         got["summary"]["resumed"] = True
         return got
-    return _extract_task(index, rows, cfg, run_id)
+    return _extract_task(index, rows, cfg, run_id, sample_cap)
 
 
 def _features_task(
@@ -315,8 +339,32 @@ def _import_dask_ml() -> None:
     import dask_ml.decomposition  # noqa: F401
 
 
+_preloading: threading.Thread | None = None
+
+
+def preload(pca_method: str = "incremental", wait: bool = True) -> None:
+    """Import dask-ml (~2.5 s of CPU: sklearn) unless already done or under way.
+
+    The CLI calls this in a thread while the cluster starts, so the import is
+    paid during start-up instead of competing with the workers for the cores
+    during extraction; ``run`` calls it too, as a fallback.
+    """
+    global _preloading
+    if pca_method != "incremental":
+        return
+    if _preloading is None:
+        _preloading = threading.Thread(target=_import_dask_ml, daemon=True)
+        _preloading.start()
+    if wait:
+        _preloading.join()
+
+
 def _get(d: dict[str, Any], key: str) -> Any:
     return d[key]
+
+
+def _head(d: dict[str, Any], key: str, n: int) -> Any:
+    return d[key][:n]
 
 
 # ---------------------------------------------------------------- orchestration
@@ -325,7 +373,12 @@ def plan_partitions(n_images: int, partition_size: int, n_threads: int) -> list[
     two partitions per worker thread when the input is small, so every core works."""
     if n_images <= 0:
         return []
-    size = min(partition_size, max(1, math.ceil(n_images / max(1, 2 * n_threads))))
+    threads = max(1, n_threads)
+    n_parts = max(math.ceil(n_images / partition_size), 2 * threads)
+    # A whole number of waves: 5 partitions on 2 threads would leave one core
+    # idle for the last partition's duration.
+    n_parts = min(n_images, math.ceil(n_parts / threads) * threads)
+    size = math.ceil(n_images / n_parts)
     return [(s, min(s + size, n_images)) for s in range(0, n_images, size)]
 
 
@@ -467,10 +520,7 @@ def run(
     from distributed import as_completed
 
     timings: dict[str, float] = {"startup": round(startup_seconds, 3)}
-    if cfg.pca_method == "incremental":
-        # dask-ml takes ~2 s to import (sklearn, its model_selection); do it while
-        # the workers extract rather than on the critical path after them.
-        threading.Thread(target=_import_dask_ml, daemon=True).start()
+    preload(cfg.pca_method, wait=False)
     t = time.perf_counter()
     if listing is None:
         listing = io.list_images(cfg.input, cfg.storage_options)
@@ -496,10 +546,22 @@ def run(
 
     # 1. extraction: one task per partition, results stay on the workers.
     t = time.perf_counter()
+    # Each partition keeps a random subset of its descriptors, 4x its share of a
+    # pca_sample-row sample if descriptors were spread evenly over images; the
+    # share actually taken (below) follows the real counts, so the sample stays
+    # uniform over descriptors unless a partition is >4x denser than average.
+    n_list = max(1, len(listing))
+    sampled = cfg.pca_method == "incremental" and cfg.pca_sample > 0
+    caps = [
+        math.ceil(4 * cfg.pca_sample * len(rows) / n_list) + cfg.n_components if sampled else 0
+        for rows in chunks
+    ]
     parts = []
     for i, rows in enumerate(chunks):
         fn = _resume_or_extract if i in done else _extract_task
-        parts.append(client.submit(fn, i, rows, cfg, run_id, key=f"extract-{run_id}-{i:05d}"))
+        parts.append(
+            client.submit(fn, i, rows, cfg, run_id, caps[i], key=f"extract-{run_id}-{i:05d}")
+        )
     infos = [
         client.submit(_get, p, "summary", key=f"summary-{run_id}-{i:05d}")
         for i, p in enumerate(parts)
@@ -540,8 +602,24 @@ def run(
                 f"{summary.images} images; PCA with {cfg.n_components} components needs more"
             )
         exact = exact_pca(total, cfg.n_components)
+        sample_rows = 0
         if cfg.pca_method == "exact":
             model = exact
+        elif sampled:
+            from fruitdask.pca import fit_incremental
+
+            want = min(cfg.pca_sample, summary.descriptors)
+            quotas = [
+                min(caps[i], round(want * n / summary.descriptors)) for i, n in enumerate(sizes)
+            ]
+            heads = [
+                client.submit(_head, p, "sample", q, key=f"sample-{run_id}-{i:05d}")
+                for i, (p, q) in enumerate(zip(parts, quotas, strict=True))
+                if q > 0
+            ]
+            x = np.concatenate(client.gather(heads))
+            sample_rows = len(x)
+            model = fit_incremental(x, cfg.n_components, cfg.pca_batch_size, cfg.pca_svd_solver)
         else:
             import dask.array as da
 
@@ -563,7 +641,10 @@ def run(
         summary.pca = {
             "method": model.method,
             "n_components": model.n_components,
-            "explained_variance_ratio": float(model.explained_variance_ratio.sum()),
+            "fitted_on_rows": int(model.n_samples),
+            "sampled": bool(sample_rows),
+            # both evaluated on every descriptor of the run (from the exact moments)
+            "explained_variance_ratio": variance_captured(model, total),
             "exact_explained_variance_ratio": float(exact.explained_variance_ratio.sum()),
             "max_principal_angle_to_exact_deg": float(angles.max()),
             "principal_angles_to_exact_deg": [round(float(a), 4) for a in angles],

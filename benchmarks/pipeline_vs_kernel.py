@@ -1,0 +1,147 @@
+"""Pipeline vs raw kernel, in one run on the same images.
+
+    python benchmarks/pipeline_vs_kernel.py [--input DIR_OR_URL | --images N] [--cores N]
+                                            [--repeat K] [--json FILE]
+
+Measures, alternating, K times:
+
+* ``kernel-1``: read + decode + ORB over every file in one process (a plain loop);
+* ``kernel-N``: the same loop split over N processes (what the cores can do);
+* ``pipeline``: ``fruitdask.pipeline.run`` end to end (listing to ``_SUCCESS``) on a
+  local Dask cluster of N single-threaded workers; cluster start-up is timed and
+  reported separately, as it is paid once per session.
+
+Prints images/s for each and the ratio pipeline / kernel-N (the issue's goal is
+>= 70% at 20,000 images). Data is generated in a setup step, never timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _kernel_chunk(args: tuple[str, list[str], dict]) -> tuple[int, int]:
+    from fruitdask import io
+    from fruitdask.features import OrbParams, extract
+
+    root, paths, so = args
+    params = OrbParams()
+    n_desc = 0
+    data = io.read_bytes(root, paths, so)
+    for b in data:
+        if isinstance(b, bytes):
+            n_desc += len(extract(b, params).descriptors)
+    return len(paths), n_desc
+
+
+def kernel(root: str, paths: list[str], so: dict, procs: int) -> tuple[float, int]:
+    """Seconds for read + decode + ORB over ``paths`` in ``procs`` processes."""
+    chunk = 500
+    chunks = [(root, paths[i : i + chunk], so) for i in range(0, len(paths), chunk)]
+    if procs == 1:
+        t = time.perf_counter()
+        n = sum(_kernel_chunk(c)[1] for c in chunks)
+        return time.perf_counter() - t, n
+    with ProcessPoolExecutor(procs) as pool:
+        list(pool.map(_kernel_chunk, chunks[:procs]))  # warm the processes (imports)
+        t = time.perf_counter()
+        n = sum(r[1] for r in pool.map(_kernel_chunk, chunks))
+        return time.perf_counter() - t, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", help="image folder or URL (default: generate --images)")
+    ap.add_argument("--images", type=int, default=20_000)
+    ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--endpoint-url")
+    ap.add_argument("--pca", default="incremental")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+
+    from fruitdask import io, pipeline, sample
+    from fruitdask.config import RunConfig
+
+    so = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    tmp = tempfile.mkdtemp(prefix="fruitdask-bench-")
+    if args.input is None:
+        cache = Path(tempfile.gettempdir()) / f"fruitdask-bench-{args.images}"
+        s = sample.generate_total(cache, args.images, seed=0)
+        print(f"data: {cache} ({s.training + s.test} images, generated in {s.seconds:.1f}s)")
+        args.input = str(cache)
+    listing = io.list_images(args.input, so)
+    paths = listing["path"].tolist()
+    n = len(paths)
+    print(f"images: {n:,}  cores: {args.cores}  repeat: {args.repeat}")
+
+    from fruitdask.cluster import ClusterSpec, connect
+
+    session = connect(ClusterSpec(workers=args.cores, threads_per_worker=1, dashboard_address=":0"))
+    client, startup = session.__enter__()
+    t = time.perf_counter()
+    pipeline.preload(args.pca)  # the client's imports, once per session like the cluster
+    startup += time.perf_counter() - t
+
+    rows: dict[str, list[float]] = {"kernel-1": [], f"kernel-{args.cores}": [], "pipeline": []}
+    stages: list[dict] = []
+    for k in range(args.repeat):
+        sec, nd = kernel(args.input, paths, so, 1)
+        rows["kernel-1"].append(n / sec)
+        sec, nd_n = kernel(args.input, paths, so, args.cores)
+        rows[f"kernel-{args.cores}"].append(n / sec)
+        out = os.path.join(tmp, f"out-{k}")
+        cfg = RunConfig(input=args.input, output=out, storage_options=so, pca_method=args.pca)
+        t = time.perf_counter()
+        summ = pipeline.run(cfg, client)
+        sec = time.perf_counter() - t
+        rows["pipeline"].append(n / sec)
+        stages.append(summ.timings)
+        assert summ.descriptors == nd == nd_n, (summ.descriptors, nd, nd_n)
+        print(
+            f"  round {k + 1}: kernel-1 {rows['kernel-1'][-1]:,.0f}/s, "
+            f"kernel-{args.cores} {rows[f'kernel-{args.cores}'][-1]:,.0f}/s, "
+            f"pipeline {rows['pipeline'][-1]:,.0f}/s "
+            f"({', '.join(f'{a} {b:.2f}s' for a, b in summ.timings.items())})"
+        )
+    session.__exit__(None, None, None)
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = med["pipeline"] / med[f"kernel-{args.cores}"]
+    print()
+    print("| measure | images/s (median) | spread |")
+    print("|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {med[k]:,.0f} | {min(v):,.0f}-{max(v):,.0f} |")
+    print(f"| pipeline / kernel-{args.cores} | {ratio:.0%} | |")
+    print(f"| cluster start-up (once) | {startup:.2f} s | |")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "images": n,
+                    "cores": args.cores,
+                    "images_per_s": rows,
+                    "median": med,
+                    "ratio": ratio,
+                    "startup_s": startup,
+                    "stages": stages,
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
