@@ -217,6 +217,10 @@ class _ProgressPrinter:
             self.t0 = time.perf_counter()
 
 
+def _display_url(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
 def _print_summary(summary, args) -> None:
     if args.json:
         out = {
@@ -249,7 +253,7 @@ def _print_summary(summary, args) -> None:
         f"{summary.pca.get('explained_variance_ratio', 0):.4f} of all descriptors "
         f"(exact {summary.pca.get('exact_explained_variance_ratio', 0):.4f}, "
         f"max angle to exact {summary.pca.get('max_principal_angle_to_exact_deg', 0):.2f} deg)\n"
-        f"output: {summary.output}"
+        f"output: {_display_url(summary.output)}"
     )
 
 
@@ -317,6 +321,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     listing = io.list_images(cfg.input, cfg.storage_options)
     if not args.quiet:
         print(f"input: {cfg.input} ({len(listing):,} images, {listing['label'].nunique()} labels)")
+    pipeline.preload(cfg.pca_method, wait=False)  # client imports overlap the cluster start
     with connect(spec) as (client, startup):
         link = dashboard_link(client)
         if link and not args.quiet:
