@@ -318,7 +318,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args)
     # Validate the input before starting a cluster: a bad URL costs no start-up.
+    t = time.perf_counter()
     listing = io.list_images(cfg.input, cfg.storage_options)
+    listing_s = time.perf_counter() - t
     if not args.quiet:
         print(f"input: {cfg.input} ({len(listing):,} images, {listing['label'].nunique()} labels)")
     pipeline.preload(cfg.pca_method, wait=False)  # client imports overlap the cluster start
@@ -334,7 +336,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress = None if args.quiet else _ProgressPrinter()
         with report:
             summary = pipeline.run(
-                cfg, client, progress=progress, listing=listing, startup_seconds=startup
+                cfg,
+                client,
+                progress=progress,
+                listing=listing,
+                startup_seconds=startup,
+                listing_seconds=listing_s,
             )
     if summary.already_complete:
         print(f"{cfg.output}: already complete, nothing to resume")

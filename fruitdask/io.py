@@ -8,6 +8,7 @@ translated once, here, into :class:`StorageError` with one line naming the URL.
 from __future__ import annotations
 
 import io as _io
+import json
 import os
 import posixpath
 import uuid
@@ -73,7 +74,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """
     options = dict(storage_options or {})
     protocol = fsspec.utils.get_protocol(url)
-    if protocol in ("s3", "s3a"):
+    if protocol in ("s3", "s3a") and os.environ.get("FRUITDASK_S3_CLIENT") != "s3fs-plain":
         options = _s3_defaults(options)
     try:
         fs, path = url_to_fs(url, **options)
@@ -104,13 +105,22 @@ def translate(exc: BaseException, url: str, action: str = "read") -> StorageErro
         return StorageError(f"{url}: not found ({what} does not exist)")
     if isinstance(exc, PermissionError) or any(
         s in text
-        for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+        for s in (
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "Forbidden",
+            "ACCESS_DENIED",
+            "INVALID_ACCESS_KEY_ID",
+            "SIGNATURE_DOES_NOT_MATCH",
+        )
     ):
         return StorageError(f"{url}: access denied (check credentials and permissions)")
     if (
         "EndpointConnectionError" in name
         or "ConnectTimeout" in name
         or "Could not connect" in text
+        or "NETWORK_CONNECTION" in text
         or isinstance(exc, (ConnectionError, TimeoutError))
     ):
         return StorageError(f"{url}: cannot reach the storage endpoint ({_one_line(exc)})")
@@ -215,13 +225,90 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
     return df.sort_values("path", kind="stable", ignore_index=True)
 
 
+# FRUITDASK_S3_CLIENT (a diagnostic switch for benchmarks): "arrow" (default),
+# "s3fs" (s3fs with the settings above), "s3fs-plain" (s3fs as it comes).
+# s3fs options that map one to one onto pyarrow's S3FileSystem; any other option
+# (a profile, requester-pays, custom botocore config) keeps the s3fs path.
+_ARROW_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "region", "client_kwargs"}
+_arrow_s3_cache: dict[str, Any] = {}
+_READ_THREADS = 16
+
+
+def _arrow_s3(root: str, options: dict[str, Any]):
+    """A pyarrow ``S3FileSystem`` for these s3fs-style options, or None.
+
+    pyarrow's C++ client costs ~0.7 ms of CPU per small object against ~1.4 ms
+    for s3fs/botocore (measured on SeaweedFS: 1,300-1,400 vs 700 objects/s in one
+    process); with the S3 server on the same cores that CPU is the bottleneck.
+    """
+    if os.environ.get("FRUITDASK_S3_CLIENT", "arrow") != "arrow":
+        return None
+    if set(options) - _ARROW_S3_KEYS - {"max_concurrency", "config_kwargs"}:
+        return None
+    ck = dict(options.get("client_kwargs") or {})
+    if set(ck) - {"endpoint_url", "region_name"}:
+        return None
+    cache_key = json.dumps([root.split("/", 1)[0], options], sort_keys=True, default=str)
+    if cache_key in _arrow_s3_cache:
+        return _arrow_s3_cache[cache_key]
+    from pyarrow import fs as pafs
+
+    endpoint = options.get("endpoint_url") or ck.get("endpoint_url")
+    region = (
+        options.get("region")
+        or ck.get("region_name")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+    )
+    kw: dict[str, Any] = {
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+    }
+    if endpoint:
+        scheme, _, host = str(endpoint).partition("://")
+        kw["endpoint_override"] = host or scheme
+        kw["scheme"] = scheme if host else "https"
+        kw["region"] = region or "us-east-1"
+    else:
+        kw["region"] = region or pafs.resolve_s3_region(root.split("/", 1)[0])
+    if options.get("anon"):
+        kw["anonymous"] = True
+    elif options.get("key"):
+        kw["access_key"] = options["key"]
+        kw["secret_key"] = options.get("secret")
+        if options.get("token"):
+            kw["session_token"] = options["token"]
+    fs = pafs.S3FileSystem(**kw)
+    _arrow_s3_cache[cache_key] = fs
+    return fs
+
+
+def _read_arrow(fs, full: list[str]) -> list[bytes | Exception]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def get(path: str) -> bytes | Exception:
+        try:
+            with fs.open_input_stream(path, compression=None) as f:
+                return f.read()
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the partition
+            if "NO_SUCH_KEY" in str(exc) or "does not exist" in str(exc):
+                return FileNotFoundError(path)
+            return exc
+
+    # pyarrow releases the GIL for the request: threads overlap the round trips.
+    with ThreadPoolExecutor(_READ_THREADS) as pool:
+        return list(pool.map(get, full))
+
+
 def read_bytes(
     url: str, paths: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> list[bytes | Exception]:
     """Fetch many files under ``url`` at once; a failure is returned, not raised.
 
-    On object stores the GETs run concurrently on one pooled connection set
-    (fsspec's async batch); local files are read with plain ``open``.
+    On S3 the GETs run concurrently through pyarrow's C++ client (or s3fs for
+    options pyarrow cannot take); other object stores use fsspec's async batch;
+    local files are read with plain ``open``.
 
     Returns
     -------
@@ -229,6 +316,10 @@ def read_bytes(
     """
     fs, root = filesystem(url, storage_options)
     full = [f"{root}/{p}" for p in paths]
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+        arrow = _arrow_s3(root, dict(storage_options or {}))
+        if arrow is not None:
+            return _read_arrow(arrow, full)
     if getattr(fs, "async_impl", False):
         got = fs.cat(full, on_error="return", batch_size=64)
         return [got.get(f, FileNotFoundError(f)) for f in full]

@@ -507,6 +507,7 @@ def run(
     progress: Progress | None = None,
     listing: pd.DataFrame | None = None,
     startup_seconds: float = 0.0,
+    listing_seconds: float = 0.0,
 ) -> RunSummary:
     """Run the whole job on a Dask ``client``; see the module docstring for the output.
 
@@ -524,7 +525,7 @@ def run(
     t = time.perf_counter()
     if listing is None:
         listing = io.list_images(cfg.input, cfg.storage_options)
-    timings["listing"] = time.perf_counter() - t
+    timings["listing"] = time.perf_counter() - t + listing_seconds
 
     n_threads = _n_threads(client)
     state = _prepare_output(cfg, listing, n_threads)
