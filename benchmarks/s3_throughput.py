@@ -72,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.packed:
             from fruitdask import pack
 
-            t = time.perf_counter()
-            pack.pack(f"{bucket}/loose", f"{bucket}/packed", so)
-            print(f"packed in {time.perf_counter() - t:.1f}s")
+            from fruitdask.cluster import ClusterSpec, connect
+
+            spec = ClusterSpec(workers=args.workers, threads_per_worker=1, dashboard_address=":0")
+            with connect(spec) as (client, _):
+                t = time.perf_counter()
+                pack.pack(f"{bucket}/loose", f"{bucket}/packed", client, so)
+                print(f"packed S3 -> S3 in {time.perf_counter() - t:.1f}s")
             inputs.append(("arrow", f"{bucket}/packed", so))
         inputs.append(("local", str(data), {}))
         rates: dict[str, list[float]] = {}
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{kind} {'packed' if url.endswith('packed') else 'loose'}"
                 if kind == "local":
                     name = "local disk"
-                out = str(work / f"out-{len(rates)}-{k}")
+                out = str(work / f"out-{name.replace(' ', '-')}-{k}")
                 cfg = RunConfig(input=url, output=out, storage_options=opts)
                 sec, timings = _run(cfg, args.workers, kind if kind != "local" else "arrow")
                 rates.setdefault(name, []).append(n / sec)

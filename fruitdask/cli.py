@@ -155,6 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(ext, "add_run_arguments"):
             ext.add_run_arguments(r)
 
+    pk = sub.add_parser(
+        "pack",
+        help="pack a tree of small images into Parquet shards of image bytes",
+        description="Pack the images under SRC into a few Parquet shards under DST (local or "
+        "S3, S3 to S3 included). `run --input DST` reads the shards transparently. An "
+        "interrupted pack resumes when run again.",
+    )
+    pk.add_argument("src", help="folder or URL of images")
+    pk.add_argument("dst", help="folder or URL for the shards")
+    pk.add_argument("--shard-size", type=int, default=5000, help="images per shard (5000)")
+    pk.add_argument(
+        "--row-group-size", type=int, default=1000, help="images per row group, a run task (1000)"
+    )
+    pk.add_argument("--overwrite", action="store_true", help="replace what DST holds")
+    pk.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_storage_arguments(pk)
+    add_cluster_arguments(pk)
+    pk.set_defaults(func=cmd_pack, report=None)
+
     s = sub.add_parser("sample", help="generate a Fruits-360-like sample data set")
     s.add_argument("out_dir", help="folder to create")
     s.add_argument("--classes", type=int, default=None, help="number of classes, 1-131")
@@ -206,7 +225,7 @@ class _ProgressPrinter:
             return
         self.last = now
         rate = items / max(now - self.t0, 1e-9)
-        unit = "images" if stage == "extract" else "descriptors"
+        unit = "images" if stage in ("extract", "pack") else "descriptors"
         line = f"{stage}: {done}/{total} partitions, {items:,} {unit} ({rate:,.0f}/s)"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
@@ -350,6 +369,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fruitdask import pack
+    from fruitdask.cluster import connect, dashboard_link
+
+    _positive("--shard-size", args.shard_size)
+    _positive("--row-group-size", args.row_group_size)
+    so = storage_options_from_args(args)
+    spec = cluster_spec(args)
+    with connect(spec) as (client, _):
+        link = dashboard_link(client)
+        if link and not args.quiet:
+            print(f"Dask dashboard: {link}", flush=True)
+        s = pack.pack(
+            args.src,
+            args.dst,
+            client,
+            so,
+            shard_size=args.shard_size,
+            row_group_size=args.row_group_size,
+            overwrite=args.overwrite,
+            progress=None if args.quiet else _ProgressPrinter(),
+        )
+    if s.already_complete:
+        print(f"{args.dst}: already a pack of {args.src}, nothing to do")
+        return 0
+    print(
+        f"packed {s.images:,} images into {s.shards} shards ({s.bytes / 1e6:,.1f} MB"
+        + (f", {s.shards_resumed} resumed" if s.shards_resumed else "")
+        + (f", {s.unreadable} unreadable" if s.unreadable else "")
+        + f") in {s.seconds:.1f}s: {_display_url(args.dst)}"
+    )
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from fruitdask import sample
     from fruitdask.config import config_get
@@ -386,10 +439,12 @@ def _on_sigterm(signum, frame):
 def _known_errors() -> tuple[type[BaseException], ...]:
     from fruitdask.cluster import ClusterError
     from fruitdask.io import StorageError
+    from fruitdask.pack import PackExistsError
     from fruitdask.pipeline import OutputExistsError
 
     errs: list[type[BaseException]] = [
         UsageError,
+        PackExistsError,
         StorageError,
         OutputExistsError,
         ClusterError,

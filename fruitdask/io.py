@@ -182,6 +182,9 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
         no image files.
     """
     fs, root = filesystem(url, storage_options)
+    packed = _packed_index(url, storage_options)
+    if packed is not None:
+        return packed
     try:
         if not fs.exists(root):
             raise StorageError(f"{url}: not found (no such file, folder, bucket or prefix)")
@@ -301,6 +304,75 @@ def _read_arrow(fs, full: list[str]) -> list[bytes | Exception]:
         return list(pool.map(get, full))
 
 
+# ---------------------------------------------------------------- packed inputs
+#: Written last by ``fruitdask pack``: one row per image (path, label, split, size,
+#: shard, row_group, row); its presence makes a folder a packed input.
+PACK_INDEX = "_fruitdask_pack/index.parquet"
+
+
+def _packed_index(url: str, storage_options: dict[str, Any] | None) -> pd.DataFrame | None:
+    """The listing of a packed input (read from its index), or None if ``url`` is not one."""
+    try:
+        fs, path = filesystem(join(url, PACK_INDEX), storage_options)
+        if not fs.exists(path):
+            return None
+    except Exception:  # noqa: BLE001 - not reachable here: list_images reports it
+        return None
+    df = read_table(join(url, PACK_INDEX), storage_options).to_pandas()
+    for col in ("path", "label", "split", "shard"):
+        df[col] = df[col].astype("string")
+    return df
+
+
+def read_packed(
+    url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
+) -> list[bytes | Exception]:
+    """Image bytes of ``rows`` of a packed listing (columns shard, row_group, row).
+
+    Reads only the row groups the rows fall in, only the ``bytes`` column: one
+    ranged GET per row group instead of one request per image.
+    """
+    out: list[bytes | Exception] = [FileNotFoundError("not read")] * len(rows)
+    positions = {k: v for k, v in rows.groupby(["shard", "row_group"], sort=False).indices.items()}
+    for (shard, group), where in positions.items():
+        shard_url = join(url, str(shard))
+        try:
+            table = _read_row_group(shard_url, int(group), storage_options)
+            column, errors = table.column("bytes"), table.column("error")
+            for i in where:
+                r = int(rows["row"].iat[i])
+                blob = column[r].as_py()
+                # a file unreadable at pack time keeps its reason
+                out[i] = blob if blob is not None else OSError(errors[r].as_py() or "no bytes")
+        except Exception as exc:  # noqa: BLE001 - a bad shard fails its rows, not the run
+            err = translate(exc, shard_url)
+            for i in where:
+                out[i] = err
+    return out
+
+
+_PACKED = ["bytes", "error"]
+
+
+def _read_row_group(url: str, group: int, storage_options: dict[str, Any] | None) -> pa.Table:
+    fs, path = filesystem(url, storage_options)
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+        arrow = _arrow_s3(path, dict(storage_options or {}))
+        if arrow is not None:
+            return pq.ParquetFile(path, filesystem=arrow).read_row_group(group, columns=_PACKED)
+    with fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).read_row_group(group, columns=_PACKED)
+
+
+def read_images(
+    url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
+) -> list[bytes | Exception]:
+    """Bytes of the images in ``rows`` of a listing, loose files or packed shards."""
+    if "shard" in rows.columns:
+        return read_packed(url, rows, storage_options)
+    return read_bytes(url, list(rows["path"]), storage_options)
+
+
 def read_bytes(
     url: str, paths: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> list[bytes | Exception]:
@@ -353,7 +425,13 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
         raise translate(exc, url, "write") from None
 
 
-def write_table(table: pa.Table, url: str, storage_options: dict[str, Any] | None = None) -> int:
+def write_table(
+    table: pa.Table,
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    compression: str = "snappy",
+    row_group_size: int | None = None,
+) -> int:
     """Write a pyarrow Table as one Parquet file (snappy); returns bytes written.
 
     Snappy, Parquet's usual default: ORB bytes and PCA floats barely compress
@@ -364,7 +442,13 @@ def write_table(table: pa.Table, url: str, storage_options: dict[str, Any] | Non
     # pyarrow otherwise tries it on every column, and on PCA floats and ORB bytes
     # the attempt costs half the write time and then falls back.
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    pq.write_table(table, buf, compression="snappy", use_dictionary=strings)
+    pq.write_table(
+        table,
+        buf,
+        compression=compression,
+        use_dictionary=strings,
+        row_group_size=row_group_size,
+    )
     data = buf.getvalue()
     write_bytes(url, data, storage_options)
     return len(data)

@@ -245,7 +245,7 @@ def _extract_task(
     sample_cap: int = 0,
 ) -> dict[str, Any]:
     """Worker side: read bytes, extract, write images/ and descriptors/ parts, mark done."""
-    data = io.read_bytes(cfg.input, list(rows["path"]), cfg.storage_options)
+    data = io.read_images(cfg.input, rows, cfg.storage_options)
     images, desc, counts = extract_partition(rows, data, cfg.orb)
     name = _part_name(index, run_id)
     so = cfg.out_storage_options
@@ -382,6 +382,21 @@ def plan_partitions(n_images: int, partition_size: int, n_threads: int) -> list[
     return [(s, min(s + size, n_images)) for s in range(0, n_images, size)]
 
 
+def plan_packed_partitions(listing: pd.DataFrame, partition_size: int) -> list[tuple[int, int]]:
+    """Partitions of a packed listing along its row groups, so each task reads whole
+    row groups: consecutive groups are merged up to ``partition_size`` images."""
+    key = listing["shard"].astype(str) + "#" + listing["row_group"].astype(str)
+    starts = [0] + [i for i in range(1, len(key)) if key.iat[i] != key.iat[i - 1]]
+    bounds = [*starts, len(key)]
+    ranges: list[tuple[int, int]] = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if ranges and (b - ranges[-1][0]) <= partition_size:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    return ranges
+
+
 def _fingerprint(cfg: RunConfig, listing: pd.DataFrame) -> str:
     h = hashlib.sha256()
     h.update(cfg.input.encode())
@@ -445,7 +460,10 @@ def _prepare_output(cfg: RunConfig, listing: pd.DataFrame, n_threads: int) -> di
         io.remove([io.join(out, "_SUCCESS")], so)
     if STATE_DIR in ours:
         io.remove_tree(io.join(out, STATE_DIR), so)
-    ranges = plan_partitions(len(listing), cfg.partition_size, n_threads)
+    if "row_group" in listing.columns:
+        ranges = plan_packed_partitions(listing, cfg.partition_size)
+    else:
+        ranges = plan_partitions(len(listing), cfg.partition_size, n_threads)
     state = {
         "run_id": uuid.uuid4().hex[:8],
         "fingerprint": fingerprint,
