@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         n = server.upload_tree(data, f"{bucket}/loose")
         print(f"uploaded {n:,} objects in {time.perf_counter() - t:.1f}s")
-        inputs = [(k, f"{bucket}/loose", so) for k in args.clients.split(",")]
+        inputs = [(k, f"{bucket}/loose", so) for k in args.clients.split(",") if k]
         if args.packed:
             from fruitdask import pack
 

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("dst", help="folder or URL for the shards")
     pk.add_argument("--shard-size", type=int, default=5000, help="images per shard (5000)")
     pk.add_argument(
-        "--row-group-size", type=int, default=1000, help="images per row group, a run task (1000)"
+        "--row-group-size", type=int, default=250, help="images per Parquet row group (250)"
     )
     pk.add_argument("--overwrite", action="store_true", help="replace what DST holds")
     pk.add_argument("--quiet", "-q", action="store_true", help="no progress output")

@@ -12,7 +12,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -288,6 +288,10 @@ def _arrow_s3(root: str, options: dict[str, Any]):
 
 
 def _read_arrow(fs, full: list[str]) -> list[bytes | Exception]:
+    return list(_iter_arrow(fs, full))
+
+
+def _iter_arrow(fs, full: list[str]) -> Iterator[bytes | Exception]:
     from concurrent.futures import ThreadPoolExecutor
 
     def get(path: str) -> bytes | Exception:
@@ -299,9 +303,14 @@ def _read_arrow(fs, full: list[str]) -> list[bytes | Exception]:
                 return FileNotFoundError(path)
             return exc
 
-    # pyarrow releases the GIL for the request: threads overlap the round trips.
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(get, full))
+    # pyarrow releases the GIL for the request: threads overlap the round trips,
+    # and results are yielded in order as they arrive, so the caller's decoding
+    # overlaps the rest of the downloads.
+    pool = ThreadPoolExecutor(_READ_THREADS)
+    try:
+        yield from pool.map(get, full)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- packed inputs
@@ -327,28 +336,44 @@ def _packed_index(url: str, storage_options: dict[str, Any] | None) -> pd.DataFr
 def read_packed(
     url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
 ) -> list[bytes | Exception]:
-    """Image bytes of ``rows`` of a packed listing (columns shard, row_group, row).
+    """Image bytes of ``rows`` of a packed listing (columns shard, row_group, row)."""
+    return list(iter_packed(url, rows, storage_options))
+
+
+def iter_packed(
+    url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
+) -> Iterator[bytes | Exception]:
+    """Yield the bytes of ``rows`` of a packed listing, in order.
 
     Reads only the row groups the rows fall in, only the ``bytes`` column: one
-    ranged GET per row group instead of one request per image.
+    ranged GET per row group instead of one request per image. All the groups
+    are requested at once, so decoding the first overlaps fetching the rest.
     """
-    out: list[bytes | Exception] = [FileNotFoundError("not read")] * len(rows)
-    positions = {k: v for k, v in rows.groupby(["shard", "row_group"], sort=False).indices.items()}
-    for (shard, group), where in positions.items():
-        shard_url = join(url, str(shard))
-        try:
-            table = _read_row_group(shard_url, int(group), storage_options)
-            column, errors = table.column("bytes"), table.column("error")
-            for i in where:
-                r = int(rows["row"].iat[i])
-                blob = column[r].as_py()
-                # a file unreadable at pack time keeps its reason
-                out[i] = blob if blob is not None else OSError(errors[r].as_py() or "no bytes")
-        except Exception as exc:  # noqa: BLE001 - a bad shard fails its rows, not the run
-            err = translate(exc, shard_url)
-            for i in where:
-                out[i] = err
-    return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = list(zip(rows["shard"], rows["row_group"], strict=True))
+    groups = list(dict.fromkeys(keys))
+    pool = ThreadPoolExecutor(4)
+    try:
+        futures = {
+            g: pool.submit(_read_row_group, join(url, str(g[0])), int(g[1]), storage_options)
+            for g in groups
+        }
+        for key, r in zip(keys, rows["row"], strict=True):
+            try:
+                table = futures[key].result()
+            except Exception as exc:  # noqa: BLE001 - a bad shard fails its rows, not the run
+                yield translate(exc, join(url, str(key[0])))
+                continue
+            blob = table.column("bytes")[int(r)].as_py()
+            # a file unreadable at pack time keeps its reason
+            yield (
+                blob
+                if blob is not None
+                else OSError(table.column("error")[int(r)].as_py() or "no bytes")
+            )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _PACKED = ["bytes", "error"]
@@ -368,9 +393,29 @@ def read_images(
     url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
 ) -> list[bytes | Exception]:
     """Bytes of the images in ``rows`` of a listing, loose files or packed shards."""
+    return list(iter_images(url, rows, storage_options))
+
+
+def iter_images(
+    url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
+) -> Iterator[bytes | Exception]:
+    """Yield the bytes of the images in ``rows`` in order, fetching ahead.
+
+    Loose S3 objects and packed row groups are downloaded by background threads
+    while the caller works on the images already yielded; a failure is yielded
+    in the image's place, not raised.
+    """
     if "shard" in rows.columns:
-        return read_packed(url, rows, storage_options)
-    return read_bytes(url, list(rows["path"]), storage_options)
+        yield from iter_packed(url, rows, storage_options)
+        return
+    paths = list(rows["path"])
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+        fs, root = filesystem(url, storage_options)
+        arrow = _arrow_s3(root, dict(storage_options or {}))
+        if arrow is not None:
+            yield from _iter_arrow(arrow, [f"{root}/{p}" for p in paths])
+            return
+    yield from read_bytes(url, paths, storage_options)
 
 
 def read_bytes(

@@ -143,7 +143,7 @@ def pack(
     storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     shard_size: int = 5000,
-    row_group_size: int = 1000,
+    row_group_size: int = 250,
     overwrite: bool = False,
     progress: Callable[[str, int, int, int], None] | None = None,
 ) -> PackSummary:
@@ -156,7 +156,8 @@ def pack(
     shard_size : int
         Images per shard (fewer when needed to give every worker thread a shard).
     row_group_size : int
-        Images per Parquet row group: the unit a ``run`` task reads.
+        Images per Parquet row group: a ``run`` task reads a few of them (up to
+        its partition size), fetching the next while it decodes the first.
     overwrite : bool
         Replace whatever ``dst`` holds. Without it an interrupted pack of the same
         source resumes and a finished one is left alone.

@@ -30,7 +30,7 @@ import platform
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +166,7 @@ def _part_name(index: int, run_id: str) -> str:
 
 
 def extract_partition(
-    rows: pd.DataFrame, data: list[bytes | Exception], params: features.OrbParams
+    rows: pd.DataFrame, data: Iterable[bytes | Exception], params: features.OrbParams
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """Run the kernel over one partition's bytes.
 
@@ -245,7 +245,7 @@ def _extract_task(
     sample_cap: int = 0,
 ) -> dict[str, Any]:
     """Worker side: read bytes, extract, write images/ and descriptors/ parts, mark done."""
-    data = io.read_images(cfg.input, rows, cfg.storage_options)
+    data = io.iter_images(cfg.input, rows, cfg.storage_options)
     images, desc, counts = extract_partition(rows, data, cfg.orb)
     name = _part_name(index, run_id)
     so = cfg.out_storage_options
