@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--packed", action="store_true", help="also run from packed shards")
     ap.add_argument("--clients", default="s3fs-plain,s3fs,arrow")
+    ap.add_argument("--shard-size", type=int, default=None, help="pack shard size")
     args = ap.parse_args(argv)
 
     from fruitdask import sample
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = ClusterSpec(workers=args.workers, threads_per_worker=1, dashboard_address=":0")
             with connect(spec) as (client, _):
                 t = time.perf_counter()
-                pack.pack(f"{bucket}/loose", f"{bucket}/packed", client, so)
+                kw = {"shard_size": args.shard_size} if args.shard_size else {}
+                pack.pack(f"{bucket}/loose", f"{bucket}/packed", client, so, **kw)
                 print(f"packed S3 -> S3 in {time.perf_counter() - t:.1f}s")
             inputs.append(("arrow", f"{bucket}/packed", so))
         inputs.append(("local", str(data), {}))

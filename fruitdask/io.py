@@ -353,25 +353,23 @@ def iter_packed(
 
     keys = list(zip(rows["shard"], rows["row_group"], strict=True))
     groups = list(dict.fromkeys(keys))
+
+    def fetch(g: tuple[str, int]) -> tuple[list[bytes | None], list[str | None]]:
+        t = _read_row_group(join(url, str(g[0])), int(g[1]), storage_options)
+        return t.column("bytes").to_pylist(), t.column("error").to_pylist()
+
     pool = ThreadPoolExecutor(4)
     try:
-        futures = {
-            g: pool.submit(_read_row_group, join(url, str(g[0])), int(g[1]), storage_options)
-            for g in groups
-        }
-        for key, r in zip(keys, rows["row"], strict=True):
+        futures = {g: pool.submit(fetch, g) for g in groups}
+        for key, r in zip(keys, rows["row"].tolist(), strict=True):
             try:
-                table = futures[key].result()
+                blobs, errors = futures[key].result()
             except Exception as exc:  # noqa: BLE001 - a bad shard fails its rows, not the run
                 yield translate(exc, join(url, str(key[0])))
                 continue
-            blob = table.column("bytes")[int(r)].as_py()
+            blob = blobs[r]
             # a file unreadable at pack time keeps its reason
-            yield (
-                blob
-                if blob is not None
-                else OSError(table.column("error")[int(r)].as_py() or "no bytes")
-            )
+            yield blob if blob is not None else OSError(errors[r] or "no bytes")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
