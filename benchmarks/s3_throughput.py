@@ -28,6 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _cpu(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _run(cfg, workers: int, client_kind: str) -> tuple[float, dict]:
     from fruitdask import pipeline
     from fruitdask.cluster import ClusterSpec, connect
@@ -91,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                     name = "local disk"
                 out = str(work / f"out-{name.replace(' ', '-')}-{k}")
                 cfg = RunConfig(input=url, output=out, storage_options=opts)
+                cpu0 = _cpu(server.proc.pid)
                 sec, timings = _run(cfg, args.workers, kind if kind != "local" else "arrow")
+                server_cpu = _cpu(server.proc.pid) - cpu0
                 rates.setdefault(name, []).append(n / sec)
-                print(f"  {name}: {n / sec:,.0f} images/s  {timings}")
+                print(
+                    f"  {name}: {n / sec:,.0f} images/s, S3 server CPU {server_cpu:.1f} s "
+                    f"in {sec:.1f} s  {timings}"
+                )
         base = statistics.median(rates[next(iter(rates))])
         print()
         print("| input, S3 client | images/s (median) | vs first |")
