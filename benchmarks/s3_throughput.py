@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [(k, f"{bucket}/loose", so) for k in args.clients.split(",") if k]
         if args.packed:
             from fruitdask import pack
-
             from fruitdask.cluster import ClusterSpec, connect
 
             spec = ClusterSpec(workers=args.workers, threads_per_worker=1, dashboard_address=":0")
