@@ -12,6 +12,7 @@ import io as _io
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -42,6 +43,44 @@ SPLITS = {"training": "Training", "test": "Test"}
 
 class StorageError(Exception):
     """A storage failure, with a one-line message that names the URL at fault."""
+
+
+class TransientStorageError(StorageError):
+    """The store itself failed (unreachable, timing out, throttling, 5xx), not one
+    object: retry the whole task, never record the images as bad files."""
+
+
+# Messages of s3fs/botocore and pyarrow/AWS SDK errors that mean "the store
+# failed". Matched on the message, which may also hold a key name: the markers
+# are chosen so that a file name cannot plausibly contain them.
+_TRANSIENT_TEXT = (
+    "NETWORK_CONNECTION",
+    "Couldn't connect to server",
+    "Could not connect to the endpoint",
+    "Connection refused",
+    "Connection reset by peer",
+    "SlowDown",
+    "ServiceUnavailable",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "THROTTLING",
+)
+_TRANSIENT_STATUS = re.compile(r"(HTTP status|response code:?|status code:?) 5\d\d")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` says the store (not the object) failed; see TransientStorageError."""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    name = type(exc).__name__
+    if "EndpointConnectionError" in name or "ConnectTimeout" in name or "ReadTimeout" in name:
+        return True
+    text = str(exc)
+    return any(t in text for t in _TRANSIENT_TEXT) or bool(_TRANSIENT_STATUS.search(text))
 
 
 def _strip(url: str) -> str:

@@ -23,6 +23,7 @@ While a run is in flight its state (partitioning, finished partitions) lives in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -186,6 +187,11 @@ def extract_partition(
     descs: list[np.ndarray] = []
     for i, blob in enumerate(data):
         if isinstance(blob, BaseException):
+            if io.is_transient(blob):
+                # the store is down, not the file bad: fail (and retry) the task
+                raise io.TransientStorageError(
+                    f"{rows['path'].iat[i]}: {io.translate(blob, str(rows['path'].iat[i]))}"
+                )
             status.append("error")
             error.append(f"read failed: {io.translate(blob, str(rows['path'].iat[i]))}")
             continue
@@ -237,6 +243,34 @@ def _sample_rows(desc: np.ndarray, index: int, cap: int) -> np.ndarray:
     return desc[rng.choice(len(desc), cap, replace=False)]
 
 
+#: Waits between attempts of a task when the store fails as a whole (a few
+#: seconds of outage are ridden out; longer ones fail the run with one line).
+RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)
+
+
+def _retrying(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Re-run an idempotent task body on transient storage errors, with backoff."""
+
+    @functools.wraps(fn)  # keeps the name, so the task pickles by reference
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for wait in (*RETRY_WAITS, None):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if wait is None or not io.is_transient(exc):
+                    if io.is_transient(exc) and not isinstance(exc, io.StorageError):
+                        raise io.TransientStorageError(
+                            f"storage unavailable after {len(RETRY_WAITS)} retries: "
+                            f"{io._one_line(exc)}"
+                        ) from None
+                    raise
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@_retrying
 def _extract_task(
     index: int,
     rows: pd.DataFrame,
@@ -244,7 +278,10 @@ def _extract_task(
     run_id: str,
     sample_cap: int = 0,
 ) -> dict[str, Any]:
-    """Worker side: read bytes, extract, write images/ and descriptors/ parts, mark done."""
+    """Worker side: read bytes, extract, write images/ and descriptors/ parts, mark done.
+
+    Idempotent: file names depend only on the run and the partition, so a retry
+    (or a recomputation after a lost worker) overwrites the same objects."""
     data = io.iter_images(cfg.input, rows, cfg.storage_options)
     images, desc, counts = extract_partition(rows, data, cfg.orb)
     name = _part_name(index, run_id)
@@ -317,6 +354,7 @@ def _resume_or_extract(
     return _extract_task(index, rows, cfg, run_id, sample_cap)
 
 
+@_retrying
 def _features_task(
     index: int,
     rows: pd.DataFrame,
