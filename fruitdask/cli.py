@@ -324,7 +324,7 @@ def cluster_spec(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fruitdask import io, pipeline
+    from fruitdask import pipeline
     from fruitdask.cluster import connect, dashboard_link
 
     spec = cluster_spec(args)
@@ -338,7 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_run_config(args)
     # Validate the input before starting a cluster: a bad URL costs no start-up.
     t = time.perf_counter()
-    listing = io.list_images(cfg.input, cfg.storage_options)
+    listing = pipeline.list_input(cfg)
     listing_s = time.perf_counter() - t
     if not args.quiet:
         print(f"input: {cfg.input} ({len(listing):,} images, {listing['label'].nunique()} labels)")

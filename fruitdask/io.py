@@ -270,10 +270,12 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
         raise
     except Exception as exc:  # noqa: BLE001 - translated into one line at the boundary
         raise translate(exc, url, "list") from None
-    paths, labels, splits, sizes = [], [], [], []
+    paths, sources, labels, splits, sizes = [], [], [], [], []
     for rel, size in found:
-        label, split = _label_split(rel)
-        paths.append(rel)
+        shown = _displayable(rel)
+        label, split = _label_split(shown)
+        paths.append(shown)
+        sources.append(rel)
         labels.append(label)
         splits.append(split)
         sizes.append(size)
@@ -281,15 +283,29 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
         raise StorageError(
             f"{url}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})"
         )
-    df = pd.DataFrame(
-        {
-            "path": pd.array(paths, dtype="string"),
-            "label": pd.array(labels, dtype="string"),
-            "split": pd.array(splits, dtype="string"),
-            "size": pd.array(sizes, dtype="int64"),
-        }
-    )
+    columns = {
+        "path": pd.array(paths, dtype="string"),
+        "label": pd.array(labels, dtype="string"),
+        "split": pd.array(splits, dtype="string"),
+        "size": pd.array(sizes, dtype="int64"),
+    }
+    if sources != paths:
+        # some names are not UTF-8: read by the real name, show the escaped one
+        # (as bytes: pandas would turn a column of str into Arrow strings, which
+        # cannot hold the surrogates)
+        columns["source"] = pd.Series([os.fsencode(x) for x in sources], dtype=object)
+    df = pd.DataFrame(columns)
     return df.sort_values("path", kind="stable", ignore_index=True)
+
+
+def _displayable(name: str) -> str:
+    """A local file name that is not valid UTF-8 (Python keeps its bytes as
+    surrogates) as a UTF-8 string with the bad bytes escaped: ``caf\\xe9``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # FRUITDASK_S3_CLIENT (a diagnostic switch for benchmarks): "arrow" (default),
@@ -476,6 +492,17 @@ def _read_row_groups(
     return table.column("bytes").to_pylist(), table.column("error").to_pylist(), starts
 
 
+def _read_local(paths: Sequence[str | bytes]) -> list[bytes | Exception]:
+    out: list[bytes | Exception] = []
+    for f in paths:
+        try:
+            with open(f, "rb") as fh:
+                out.append(fh.read())
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the partition
+            out.append(exc)
+    return out
+
+
 def read_images(
     url: str, rows: pd.DataFrame, storage_options: dict[str, Any] | None = None
 ) -> list[bytes | Exception]:
@@ -494,6 +521,10 @@ def iter_images(
     """
     if "shard" in rows.columns:
         yield from iter_packed(url, rows, storage_options)
+        return
+    if "source" in rows.columns:  # local files whose names are not UTF-8
+        _, root = filesystem(url, storage_options)
+        yield from _read_local([os.path.join(os.fsencode(root), b) for b in rows["source"]])
         return
     paths = list(rows["path"])
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):

@@ -270,6 +270,11 @@ def _retrying(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def list_input(cfg: RunConfig) -> pd.DataFrame:
+    """The input's listing, retried with backoff while the store is unavailable."""
+    return _retrying(io.list_images)(cfg.input, cfg.storage_options)
+
+
 @_retrying
 def _extract_task(
     index: int,
@@ -479,16 +484,19 @@ def _prepare_output(cfg: RunConfig, listing: pd.DataFrame, n_threads: int) -> di
         if state is None:
             if "_SUCCESS" in entries:
                 return {"complete": True}
-            raise OutputExistsError(
-                f"{out}: nothing to resume (no interrupted fruitdask run there)"
-            )
-        if state.get("fingerprint") != fingerprint:
+            if entries - {STATE_DIR}:
+                raise OutputExistsError(
+                    f"{out}: nothing to resume (no interrupted fruitdask run there)"
+                )
+            # nothing was written before the interruption: start from scratch
+        elif state.get("fingerprint") != fingerprint:
             raise OutputExistsError(
                 f"{out}: the interrupted run used a different input or ORB settings; "
                 "use --overwrite to start over"
             )
-        return state
-    if entries and not cfg.overwrite:
+        else:
+            return state
+    elif entries and not cfg.overwrite:
         raise OutputExistsError(
             f"{out}: output already exists (use --overwrite to replace it, "
             "or --resume to finish an interrupted run)"
@@ -580,7 +588,7 @@ def run(
     preload(cfg.pca_method, wait=False)
     t = time.perf_counter()
     if listing is None:
-        listing = io.list_images(cfg.input, cfg.storage_options)
+        listing = list_input(cfg)
     timings["listing"] = time.perf_counter() - t + listing_seconds
 
     n_threads = _n_threads(client)

@@ -52,7 +52,8 @@ def test_pack_local_then_run_equals_loose_run(dask_client, sample_dir, tmp_path)
     # partitions hold whole row groups: no row group is read by two tasks
     owner = {}
     for k, (a, b) in enumerate(ranges):
-        for key in set(zip(listing["shard"].iloc[a:b], listing["row_group"].iloc[a:b])):
+        rows = listing.iloc[a:b]
+        for key in set(zip(rows["shard"], rows["row_group"], strict=True)):
             assert owner.setdefault(key, k) == k
     assert sum(b - a for a, b in ranges) == len(listing)
 
