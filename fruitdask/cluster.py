@@ -85,8 +85,12 @@ def warm_up(client) -> None:
 
 
 @contextlib.contextmanager
-def connect(spec: ClusterSpec, timeout: float = 30) -> Iterator[tuple[Any, float]]:
-    """Yield ``(client, startup_seconds)``; the cluster is closed on exit, error or Ctrl-C."""
+def connect(spec: ClusterSpec, timeout: float | None = None) -> Iterator[tuple[Any, float]]:
+    """Yield ``(client, startup_seconds)``; the cluster is closed on exit, error or Ctrl-C.
+
+    ``timeout``: seconds to wait for an existing scheduler (``cluster.connect-timeout``).
+    """
+    timeout = float(config_get("cluster.connect-timeout", timeout))
     from distributed import Client
 
     t0 = time.perf_counter()

@@ -90,6 +90,8 @@ def test_run_json_summary_and_refusal(tmp_path, sample_dir):
         (["run", "-i", "{sample}", "-o", "{out}", "--n-components", "33"], "n-components"),
         (["run", "-i", "{sample}", "-o", "{out}", "--partition-size", "-5"], "partition-size"),
         (["run", "--no-such-flag"], "--no-such-flag"),
+        (["run", "-i", "{sample}", "-o", "{out}", "--cluster", "tcp://127.0.0.1:9"], "scheduler"),
+        (["run", "-i", "{sample}", "-o", "{out}", "--workers", "0"], "workers"),
     ],
 )
 def test_errors_are_one_line_exit_2_nothing_written(tmp_path, sample_dir, args, needle):
