@@ -52,6 +52,8 @@ __all__ = [
     "Prediction",
     "TrainOptions",
     "TrainSummary",
+    "check_evaluation_output",
+    "check_train_output",
     "compute_metrics",
     "design_matrix",
     "evaluate",
@@ -60,6 +62,7 @@ __all__ = [
     "load_model",
     "model_url",
     "predict_sources",
+    "reusable_features",
     "train",
 ]
 
@@ -441,7 +444,7 @@ class TrainOptions:
     color: bool = False
     seed: int = 0
     kmeans_sample: int = 0
-    kmeans_max_iter: int = 100
+    kmeans_max_iter: int = 30
 
     def __post_init__(self) -> None:
         if self.words < 2:
@@ -482,15 +485,25 @@ class TrainSummary:
 
 
 _TRAIN_ENTRIES = {"pipeline", "histograms", MODEL_FILE, "manifest.json", "_SUCCESS"}
+_EVAL_FILES = {
+    "report.md",
+    "confusion.png",
+    "confusion.csv",
+    "per_class.csv",
+    "predictions.parquet",
+    "manifest.json",
+}
 
 
 def _training_rows(listing):
     """The Training split (or every image when the input has no split folders),
     labelled images only."""
     rows = listing
-    if (listing["split"] == "Training").any():
-        rows = listing[listing["split"] == "Training"]
-    rows = rows[rows["label"].fillna("") != ""]
+    # split is <NA> for images outside Training/ and Test/: a mask must not hold NA
+    training = (listing["split"] == "Training").fillna(False).astype(bool)
+    if training.any():
+        rows = listing[training]
+    rows = rows[(rows["label"].fillna("") != "").astype(bool)]
     return rows.reset_index(drop=True)
 
 
@@ -532,6 +545,16 @@ def reusable_features(cfg, listing, so: dict[str, Any] | None = None) -> dict[st
     a = sorted(zip(got["path"].astype(str), got["size"].astype(int), strict=True))
     b = sorted(zip(listing["path"].astype(str), listing["size"].astype(int), strict=True))
     return manifest if a == b else None
+
+
+def check_train_output(out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail early (before a cluster starts) when ``out`` cannot take a train output."""
+    _check_output(out, _TRAIN_ENTRIES, "train output", dict(storage_options or {}))
+
+
+def check_evaluation_output(out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail early when ``out`` cannot take an evaluation report."""
+    _check_output(out, _EVAL_FILES, "evaluation output", dict(storage_options or {}))
 
 
 def _check_output(out: str, allowed: set[str], what: str, so: dict[str, Any]) -> set[str]:
@@ -617,7 +640,9 @@ def train(
 
     # 2. load the PCA features on the workers; colour histograms run beside the fit.
     t = time.perf_counter()
-    parts = bovw.load_training_features(client, pcfg.output, manifest, so_out, split="Training")
+    parts = bovw.load_training_features(
+        client, pcfg.output, manifest, so_out, split="Training", token=run_id
+    )
     timings["load_features"] = time.perf_counter() - t
     if parts.n_keypoints < opts.words:
         raise ModelError(
@@ -640,15 +665,12 @@ def train(
         f"{vocab.n_iter} iterations, {timings['vocabulary']:.1f}s"
     )
 
-    # 4. histograms (written by the workers), colour features.
+    # 4. histograms, written by the workers. The colour futures go to the
+    # histogram tasks as they are (no trip through the client); this stage
+    # includes any wait for them, though they mostly ran during the fit.
     t = time.perf_counter()
-    colors = None
-    if color_futures is not None:
-        colors = client.gather(color_futures)
-        timings["color"] = time.perf_counter() - t
-        t = time.perf_counter()
     results, hist_files = bovw.histogram_parts(
-        client, parts, vocab.centers, out, run_id, so_out, colors
+        client, parts, vocab.centers, out, run_id, so_out, color_futures
     )
     client.cancel(parts.parts)
     timings["histograms"] = time.perf_counter() - t
@@ -893,16 +915,6 @@ class EvaluationSummary:
     files: list[str]
 
 
-_EVAL_FILES = {
-    "report.md",
-    "confusion.png",
-    "confusion.csv",
-    "per_class.csv",
-    "predictions.parquet",
-    "manifest.json",
-}
-
-
 def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
@@ -995,9 +1007,10 @@ def evaluate(
     t = time.perf_counter()
     if listing is None:
         listing = io.list_images(input_url, so)
-    split = "Test" if (listing["split"] == "Test").any() else "all"
-    rows = listing[listing["split"] == "Test"] if split == "Test" else listing
-    rows = rows[rows["label"].fillna("") != ""].reset_index(drop=True)
+    test = (listing["split"] == "Test").fillna(False).astype(bool)
+    split = "Test" if test.any() else "all"
+    rows = listing[test] if split == "Test" else listing
+    rows = rows[(rows["label"].fillna("") != "").astype(bool)].reset_index(drop=True)
     timings["listing"] = time.perf_counter() - t + listing_seconds
     if len(rows) == 0:
         raise ModelError(f"{input_url}: no labelled images to evaluate (expected Test/<label>/...)")

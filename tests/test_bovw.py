@@ -1,0 +1,179 @@
+"""Visual words against scikit-learn, and the Dask histogram path against a plain loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from fruitdask import bovw, features, io, pipeline
+from fruitdask.config import RunConfig
+from fruitdask.pca import PcaModel
+
+
+def _blobs(n_per: int, centres: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate(
+        [c + scale * rng.standard_normal((n_per, centres.shape[1])) for c in centres]
+    )
+    return x[rng.permutation(len(x))].astype(np.float32)
+
+
+# ---------------------------------------------------------------- pure helpers
+def test_assign_words_matches_sklearn():
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5000, 20)) * 80).astype(np.float32)
+    centers = (rng.standard_normal((64, 20)) * 80).astype(np.float32)
+    words, sq = bovw.assign_words(x, centers)
+    ref_words, ref_dist = pairwise_distances_argmin_min(
+        x.astype(np.float64), centers.astype(np.float64)
+    )
+    np.testing.assert_array_equal(words, ref_words)
+    np.testing.assert_allclose(sq, ref_dist**2, rtol=1e-9, atol=1e-6)
+    assert words.dtype == np.int32
+    assert bovw.inertia(x, centers) == pytest.approx(float((ref_dist**2).sum()), rel=1e-12)
+
+
+def test_assign_words_blocks_give_the_same_answer(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1000, 5))
+    c = rng.standard_normal((7, 5))
+    whole = bovw.assign_words(x, c)
+    monkeypatch.setattr(bovw, "_ASSIGN_BLOCK", 97)
+    blocked = bovw.assign_words(x, c)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_allclose(whole[1], blocked[1])
+
+
+def test_word_histograms_match_a_loop():
+    rng = np.random.default_rng(5)
+    k = 11
+    counts = np.array([3, 0, 7, 1, 0, 25])
+    words = rng.integers(0, k, counts.sum())
+    h = bovw.word_histograms(words, counts, k)
+    assert h.shape == (6, k) and h.dtype == np.float32
+    start = 0
+    for i, n in enumerate(counts):
+        ref = np.bincount(words[start : start + n], minlength=k).astype(np.float64)
+        if n:
+            ref /= n
+        np.testing.assert_allclose(h[i], ref, rtol=1e-6)
+        start += n
+    np.testing.assert_allclose(h.sum(1), (counts > 0).astype(float), rtol=1e-6)
+    with pytest.raises(ValueError, match="counts sum"):
+        bovw.word_histograms(words[:-1], counts, k)
+
+
+def test_color_histogram():
+    white = np.full((100, 100, 3), 255, np.uint8)
+    assert not bovw.color_histogram(white).any()
+    red = white.copy()
+    cv2.circle(red, (50, 50), 30, (0, 0, 220), -1)  # BGR: red disc on white
+    h = bovw.color_histogram(red)
+    assert h.shape == (bovw.COLOR_BINS,) and h.sum() == pytest.approx(1.0)
+    hs = h[: 12 * 4].reshape(12, 4)
+    # hue bin 0 (red) only: the white is left out; hue-saturation and value
+    # bins count the same pixels, so each part holds half of the mass
+    assert hs.sum() == pytest.approx(0.5) and hs[0].sum() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- dask-ml KMeans vs sklearn
+def test_kmeans_from_the_same_start_matches_sklearn(dask_client):
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(11)
+    centres = rng.uniform(-100, 100, (8, 6))
+    x = _blobs(400, centres, 15.0, 12)
+    init = x[:8].copy()
+    voc = bovw.fit_vocabulary(x, 8, init=init, max_iter=100, tol=1e-9)
+    ref = KMeans(8, init=init, n_init=1, max_iter=100, tol=1e-9, algorithm="lloyd").fit(x)
+    np.testing.assert_allclose(voc.centers, ref.cluster_centers_, rtol=1e-4, atol=1e-3)
+    words, _ = bovw.assign_words(x, voc.centers)
+    np.testing.assert_array_equal(words, ref.predict(x))
+    assert voc.init == "array" and voc.k == 8
+
+
+def test_kmeans_parallel_init_inertia_close_to_sklearn(dask_client):
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(21)
+    centres = rng.uniform(-200, 200, (30, 10))
+    x = _blobs(200, centres, 30.0, 22)
+    voc = bovw.fit_vocabulary(x, 30, seed=1)
+    ours = bovw.inertia(x, voc.centers)
+    ref = KMeans(30, n_init=3, random_state=0).fit(x)
+    # k-means|| is a different (scalable) initialisation: close, not equal
+    assert ours <= 1.05 * ref.inertia_, (ours, ref.inertia_)
+    assert voc.fitted_on_rows == len(x)
+
+
+def test_kmeans_refuses_fewer_points_than_words():
+    with pytest.raises(ValueError, match="at least 50 keypoints"):
+        bovw.fit_vocabulary(np.zeros((10, 3), np.float32), 50)
+
+
+# ---------------------------------------------------------------- Dask path vs plain loop
+@pytest.fixture(scope="module")
+def features_run(sample_dir, dask_client, tmp_path_factory):
+    """The feature pipeline on the Training split of a sample with one blank image."""
+    root = tmp_path_factory.mktemp("bovw") / "fruits"
+    shutil.copytree(sample_dir, root)
+    blank = root / "Training" / sorted(p.name for p in (root / "Training").iterdir())[0]
+    cv2.imwrite(str(blank / "blank.png"), np.full((100, 100, 3), 255, np.uint8))
+    listing = io.list_images(str(root))
+    train = listing[listing["split"] == "Training"].reset_index(drop=True)
+    out = root.parent / "run"
+    cfg = RunConfig(input=str(root), output=str(out), partition_size=20)
+    pipeline.run(cfg, dask_client, listing=train)
+    manifest = json.loads((out / "manifest.json").read_text())
+    return root, out, manifest, train
+
+
+def test_histograms_match_a_plain_loop(features_run, dask_client, tmp_path):
+    root, out, manifest, train = features_run
+    parts = bovw.load_training_features(dask_client, str(out), manifest)
+    assert parts.n_images == len(train)
+    voc = bovw.fit_vocabulary(parts.sample_array(dask_client, 0), 12, seed=0)
+    results, files = bovw.histogram_parts(
+        dask_client, parts, voc.centers, str(tmp_path), "r1", colors=None
+    )
+    table = ds.dataset([str(tmp_path / f) for f in files]).to_table().to_pandas()
+    assert len(table) == len(train) and set(table["split"]) == {"Training"}
+
+    pca = PcaModel.from_json((out / manifest["files"]["model"][0]).read_text())
+    enc = bovw.Encoder(features.OrbParams(), pca, voc.centers)
+    for row in table.itertuples():
+        f = features.extract((root / row.path).read_bytes())
+        h = np.asarray(row.histogram, np.float32)
+        if len(f.descriptors) == 0:
+            assert not row.has_keypoints and row.n_keypoints == 0 and not h.any()
+            assert row.path.endswith("blank.png")
+            continue
+        words, _ = bovw.assign_words(pca.transform(f.descriptors), voc.centers)
+        ref = np.bincount(words, minlength=12) / len(words)
+        np.testing.assert_allclose(h, ref, rtol=1e-6)
+        assert row.has_keypoints and row.n_keypoints == len(f.descriptors)
+        # predict's fast path sees exactly what training saw
+        np.testing.assert_array_equal(enc.encode([(root / row.path).read_bytes()]).histograms[0], h)
+    assert (~table["has_keypoints"]).sum() == 1
+
+
+def test_encode_listing_matches_the_encoder(features_run, dask_client):
+    root, out, manifest, train = features_run
+    pca = PcaModel.from_json((out / manifest["files"]["model"][0]).read_text())
+    centers = np.random.default_rng(0).normal(0, 100, (9, pca.n_components)).astype(np.float32)
+    enc = bovw.Encoder(features.OrbParams(), pca, centers, color=True)
+    listing = io.list_images(str(root))
+    rows = listing[listing["split"] == "Test"].reset_index(drop=True)
+    got = bovw.encode_listing(dask_client, str(root), rows, enc, partition_size=5)
+    ref = enc.encode([(root / p).read_bytes() for p in rows["path"]])
+    np.testing.assert_array_equal(got.histograms, ref.histograms)
+    assert got.colors is not None and ref.colors is not None
+    np.testing.assert_array_equal(got.colors, ref.colors)
+    assert got.status == ref.status
