@@ -328,6 +328,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fruitdask.cluster import connect, dashboard_link
 
     spec = cluster_spec(args)
+    stray = sorted(k for k, v in spec.extra.items() if v)
+    if stray and spec.kind != "ec2":
+        flags = ", ".join("--" + k.removeprefix("ec2_").replace("_", "-") for k in stray)
+        raise UsageError(f"{flags}: only with --cluster ec2")
     if spec.kind == "ec2" and getattr(args, "ec2_dry_run", False):
         from fruitdask.aws.ec2 import describe_plan  # fruitdask[aws]
 

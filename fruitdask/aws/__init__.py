@@ -1,0 +1,69 @@
+"""Running fruitdask on AWS: EC2 (dask-cloudprovider), EMR, and cost planning.
+
+Importing this package adds the ``fruitdask.aws`` defaults (``aws.yaml``) to
+dask.config, the way :mod:`fruitdask.config` adds ``fruitdask.yaml``. The AWS
+libraries (boto3, dask-cloudprovider) are imported only inside the functions
+that call AWS: ``pip install fruitdask[aws]``.
+
+Submodules
+----------
+ec2
+    :func:`~fruitdask.aws.ec2.ec2_cluster` and :func:`~fruitdask.aws.ec2.describe_plan`.
+emr
+    EMR API payloads, create/submit/status/terminate, step polling.
+plan
+    Workers and cost for a number of images and a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import dask.config
+import yaml
+
+from fruitdask.cluster import ClusterError
+from fruitdask.config import config_get
+
+__all__ = ["RUN_TAG", "AwsError", "aws_config", "install_hint", "parse_tags"]
+
+# The per-run tag on everything fruitdask creates; teardown finds stragglers by it.
+RUN_TAG = "fruitdask-run"
+
+_YAML = os.path.join(os.path.dirname(__file__), "aws.yaml")
+with open(_YAML) as _f:
+    dask.config.update_defaults(yaml.safe_load(_f))
+
+
+class AwsError(ClusterError):
+    """An AWS call or an AWS setting failed.
+
+    A :class:`~fruitdask.cluster.ClusterError`, so ``python -m fruitdask`` prints
+    it as one line and exits 2.
+    """
+
+
+def aws_config(key: str, value: Any = None) -> Any:
+    """``value`` if given, else ``fruitdask.aws.<key>`` from dask.config."""
+    return config_get(f"aws.{key}", value)
+
+
+def install_hint(exc: ImportError) -> AwsError:
+    """The error to raise when boto3 or dask-cloudprovider is missing."""
+    return AwsError(f"{exc.name or exc}: AWS support is not installed: pip install fruitdask[aws]")
+
+
+def parse_tags(items: list[str] | None, base: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags from ``KEY=VALUE`` strings over ``base``; reserved keys are refused."""
+    tags = {str(k): str(v) for k, v in (base or {}).items()}
+    for item in items or []:
+        if "=" not in item:
+            raise AwsError(f"--tag expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        tags[k.strip()] = v.strip()
+    for k in tags:
+        if not k or k.lower().startswith("aws:") or k == RUN_TAG:
+            raise AwsError(f"tag key {k!r} is reserved or empty")
+    return tags

@@ -1,0 +1,381 @@
+"""Capacity and cost planning: how many workers for N images by a deadline, at what cost.
+
+The model is deliberately simple and every input is printed with the plan:
+
+- throughput scales linearly with vCPUs at ``rate x efficiency`` images/s per vCPU,
+  where ``rate`` is a run's measured ``images_per_s_per_core`` (its
+  ``manifest.json``) or the measured default in ``aws.yaml``;
+- the cluster first spends ``startup`` seconds (boot, Docker, image pull, or EMR
+  provisioning and bootstrap) billed but doing no work;
+- every instance (the head node and the workers) is billed for the whole
+  wall time, per second with a 60-second minimum, at the prices of a dated table
+  shipped with fruitdask (``prices.json``) or the user's own (``--prices``).
+
+No AWS call is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dask.utils import parse_timedelta
+
+from fruitdask.aws import AwsError, aws_config
+
+__all__ = [
+    "InstancePrice",
+    "Plan",
+    "PlanError",
+    "PriceTable",
+    "compare",
+    "format_plan",
+    "load_prices",
+    "parse_duration",
+    "plan_job",
+    "throughput_from_manifest",
+]
+
+PRICES_JSON = os.path.join(os.path.dirname(__file__), "prices.json")
+SERVICES = ("ec2", "emr")
+# Burstable instances run sustained CPU work on credits (or pay for "unlimited"):
+# an ORB job would throttle, so they are left out of the automatic comparison.
+_BURSTABLE = ("t2.", "t3.", "t3a.", "t4g.")
+
+
+class PlanError(AwsError):
+    """The plan cannot be made from these inputs (one-line message)."""
+
+
+@dataclass(frozen=True)
+class InstancePrice:
+    """One instance type of a price table."""
+
+    name: str
+    vcpu: int
+    memory_gib: float
+    usd_per_hour: float
+    emr_usd_per_hour: float | None = None
+
+    def hourly(self, service: str) -> float:
+        """Dollars per hour on ``service``: EC2, or EC2 plus the EMR surcharge."""
+        if service == "emr":
+            if self.emr_usd_per_hour is None:
+                raise PlanError(
+                    f"the price table has no EMR price for {self.name}: add emr_usd_per_hour "
+                    "to a --prices file"
+                )
+            return self.usd_per_hour + self.emr_usd_per_hour
+        return self.usd_per_hour
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """A dated on-demand price table (``prices.json`` format ``fruitdask-prices/1``)."""
+
+    as_of: str
+    region: str
+    currency: str
+    source: str
+    minimum_seconds: int
+    instances: dict[str, InstancePrice]
+    path: str
+
+    def get(self, name: str) -> InstancePrice:
+        try:
+            return self.instances[name]
+        except KeyError:
+            raise PlanError(
+                f"{name}: not in the price table {self.path} (as of {self.as_of}); "
+                "pass --prices FILE with it"
+            ) from None
+
+
+def load_prices(path: str | None = None) -> PriceTable:
+    """Read a price table: ``path``, or the one shipped with fruitdask.
+
+    Raises
+    ------
+    PlanError
+        The file is missing, not JSON, or lacks a field.
+    """
+    path = path or PRICES_JSON
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        instances = {
+            name: InstancePrice(
+                name=name,
+                vcpu=int(row["vcpu"]),
+                memory_gib=float(row.get("memory_gib", 0)),
+                usd_per_hour=float(row["usd_per_hour"]),
+                emr_usd_per_hour=(
+                    None if row.get("emr_usd_per_hour") is None else float(row["emr_usd_per_hour"])
+                ),
+            )
+            for name, row in doc["instances"].items()
+        }
+        return PriceTable(
+            as_of=str(doc["as_of"]),
+            region=str(doc.get("region", "?")),
+            currency=str(doc.get("currency", "USD")),
+            source=str(doc.get("source", "")),
+            minimum_seconds=int(doc.get("billing", {}).get("minimum_seconds", 60)),
+            instances=instances,
+            path=path,
+        )
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read the price table: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlanError(
+            f"{path}: not a price table (format fruitdask-prices/1): {type(exc).__name__} {exc}"
+        ) from None
+
+
+def throughput_from_manifest(url: str) -> tuple[float, str]:
+    """``(images_per_s_per_core, description)`` from a run's ``manifest.json``.
+
+    ``url`` is the manifest itself or the run's output folder (local or a URL).
+    """
+    from fruitdask import io
+
+    if not url.endswith(".json"):
+        url = io.join(url, "manifest.json")
+    try:
+        text = io.read_text(url)
+    except io.StorageError as exc:
+        raise PlanError(str(exc)) from None
+    if text is None:
+        raise PlanError(f"{url}: no such manifest")
+    try:
+        m = json.loads(text)
+        rate = float(m["throughput"]["images_per_s_per_core"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PlanError(
+            f"{url}: no throughput.images_per_s_per_core in it ({type(exc).__name__})"
+        ) from None
+    if not rate > 0:
+        raise PlanError(f"{url}: images_per_s_per_core is {rate}")
+    threads = (m.get("cluster") or {}).get("threads")
+    images = (m.get("counts") or {}).get("images")
+    what = f"{m.get('engine', 'dask')} run of {images:,} images" if images else "a run"
+    on = f" on {threads} threads" if threads else ""
+    return rate, f"measured: {what}{on} ({url})"
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """``"10m"``, ``"1h30m"`` (pieces summed), ``"90"`` or ``90`` as seconds."""
+    if text is None:
+        return None
+    if isinstance(text, int | float):
+        return float(text)
+    import re
+
+    pieces = re.findall(r"\d+(?:\.\d+)?\s*[a-zA-Z]*", text.strip())
+    if not pieces or "".join(pieces).replace(" ", "") != text.replace(" ", ""):
+        raise PlanError(f"not a duration: {text!r} (use 10m, 1h, 90s)")
+    try:
+        return float(sum(parse_timedelta(p.replace(" ", ""), default="s") for p in pieces))
+    except (ValueError, KeyError):
+        raise PlanError(f"not a duration: {text!r} (use 10m, 1h, 90s)") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Workers and cost for one instance type; all times in seconds."""
+
+    service: str
+    images: int
+    instance: InstancePrice
+    head: InstancePrice
+    workers: int
+    rate_per_core: float
+    efficiency: float
+    startup_s: float
+    deadline_s: float | None
+    job_s: float
+    usd_per_hour: float
+    cost_usd: float
+
+    @property
+    def vcpus(self) -> int:
+        return self.workers * self.instance.vcpu
+
+    @property
+    def wall_s(self) -> float:
+        return self.startup_s + self.job_s
+
+    @property
+    def meets_deadline(self) -> bool:
+        return self.deadline_s is None or self.wall_s <= self.deadline_s + 1e-9
+
+
+def plan_job(
+    images: int,
+    instance: InstancePrice,
+    head: InstancePrice,
+    *,
+    rate_per_core: float,
+    deadline_s: float | None = None,
+    workers: int | None = None,
+    efficiency: float = 1.0,
+    startup_s: float = 0.0,
+    service: str = "ec2",
+    minimum_seconds: int = 60,
+) -> Plan:
+    """Plan ``images`` on ``instance`` workers plus one ``head`` node.
+
+    Give ``deadline_s`` (the fewest workers that finish by it, start-up
+    included) or ``workers`` (how long and how much with that many).
+
+    Raises
+    ------
+    PlanError
+        Inconsistent inputs, or a deadline shorter than the start-up overhead.
+    """
+    if images < 1:
+        raise PlanError(f"--images must be >= 1, got {images}")
+    if not rate_per_core > 0:
+        raise PlanError(f"throughput must be > 0 images/s per core, got {rate_per_core}")
+    if not 0 < efficiency <= 1:
+        raise PlanError(f"--efficiency must be in (0, 1], got {efficiency}")
+    if service not in SERVICES:
+        raise PlanError(f"service must be one of {SERVICES}, got {service!r}")
+    per_worker = rate_per_core * efficiency * instance.vcpu  # images/s
+    if workers is None:
+        if deadline_s is None:
+            raise PlanError("give a deadline or a number of workers")
+        budget = deadline_s - startup_s
+        if budget <= 0:
+            raise PlanError(
+                f"the deadline ({_duration(deadline_s)}) is not longer than the start-up "
+                f"overhead ({_duration(startup_s)}): nothing is left for the work"
+            )
+        workers = max(1, math.ceil(images / (per_worker * budget) - 1e-9))
+    elif workers < 1:
+        raise PlanError(f"--workers must be >= 1, got {workers}")
+    job_s = images / (per_worker * workers)
+    usd_per_hour = head.hourly(service) + workers * instance.hourly(service)
+    billed = max(startup_s + job_s, minimum_seconds)
+    return Plan(
+        service=service,
+        images=images,
+        instance=instance,
+        head=head,
+        workers=workers,
+        rate_per_core=rate_per_core,
+        efficiency=efficiency,
+        startup_s=startup_s,
+        deadline_s=deadline_s,
+        job_s=job_s,
+        usd_per_hour=usd_per_hour,
+        cost_usd=usd_per_hour * billed / 3600,
+    )
+
+
+def compare(images: int, prices: PriceTable, head: InstancePrice, **kwargs: Any) -> list[Plan]:
+    """:func:`plan_job` for every non-burstable type of the table, cheapest first.
+
+    Types without a price for the service (EMR) are skipped.
+    """
+    service = kwargs.get("service", "ec2")
+    plans = []
+    for inst in prices.instances.values():
+        if inst.name.startswith(_BURSTABLE):
+            continue
+        if service == "emr" and inst.emr_usd_per_hour is None:
+            continue
+        plans.append(plan_job(images, inst, head, **kwargs))
+    # Ties (same cost) go to fewer, larger instances: fewer boots to fail.
+    return sorted(plans, key=lambda p: (round(p.cost_usd, 4), p.workers, p.instance.name))
+
+
+def _money(usd: float) -> str:
+    return f"${usd:,.3f}" if usd < 1 else f"${usd:,.2f}"
+
+
+def _duration(s: float) -> str:
+    s = round(s)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s" if s else f"{m}m"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def format_plan(
+    best: Plan, prices: PriceTable, rate_source: str, alternatives: list[Plan] | None = None
+) -> str:
+    """The human-readable plan: the inputs, the answer, then the alternatives."""
+    p = best
+    head_role = "primary node (scheduler)" if p.service == "emr" else "scheduler instance"
+    surcharge = " + EMR" if p.service == "emr" else ""
+    lines = [
+        f"plan: {p.images:,} images on {p.service.upper()}"
+        + (f" by a deadline of {_duration(p.deadline_s)}" if p.deadline_s else ""),
+        f"  throughput:  {p.rate_per_core:,.0f} images/s per vCPU x efficiency {p.efficiency:g}"
+        f" ({rate_source})",
+        f"  start-up:    {_duration(p.startup_s)} (billed, no work done)",
+        f"  prices:      {prices.region} on-demand {prices.currency}{surcharge}, "
+        f"as of {prices.as_of} ({os.path.basename(prices.path)})",
+        "",
+        f"workers:       {p.workers} x {p.instance.name} ({p.instance.vcpu} vCPU, "
+        f"{p.instance.memory_gib:g} GiB) = {p.vcpus} vCPUs"
+        f", plus 1 x {p.head.name} {head_role}",
+        f"run time:      {_duration(p.wall_s)} ({_duration(p.startup_s)} start-up + "
+        f"{_duration(p.job_s)} work)" + ("" if p.meets_deadline else "  ** misses the deadline **"),
+        f"cost:          {_money(p.cost_usd)} (${p.usd_per_hour:,.3f}/hour while up"
+        + (", spot is cheaper but can be reclaimed" if p.service == "ec2" else "")
+        + ")",
+        f"quota:         {p.vcpus + p.head.vcpu} vCPUs of 'Running On-Demand Standard "
+        "instances' (Service Quotas L-1216C47A) in the region",
+    ]
+    if alternatives:
+        lines += ["", "alternatives (cheapest first):", _table(alternatives, best)]
+    return "\n".join(lines)
+
+
+def _table(plans: list[Plan], best: Plan) -> str:
+    rows = [("instance", "vCPU", "workers", "run time", "$/hour", "cost", "")]
+    for p in plans:
+        rows.append(
+            (
+                p.instance.name,
+                str(p.instance.vcpu),
+                str(p.workers),
+                _duration(p.wall_s),
+                f"{p.usd_per_hour:,.3f}",
+                _money(p.cost_usd)[1:],
+                "<- chosen" if p is best else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1], strict=True)
+        ]
+        out.append(("  " + "  ".join(cells) + ("  " + r[-1] if r[-1] else "")).rstrip())
+    return "\n".join(out)
+
+
+def defaults(service: str) -> dict[str, Any]:
+    """Planning defaults for ``service`` from dask.config (``fruitdask.aws.plan``)."""
+    startup = aws_config("plan.startup") or {}
+    head = (
+        aws_config("emr.primary-instance-type")
+        if service == "emr"
+        else aws_config("ec2.scheduler-instance-type")
+    )
+    return {
+        "rate_per_core": float(aws_config("plan.images-per-s-per-core")),
+        "efficiency": float(aws_config("plan.efficiency")),
+        "startup_s": parse_duration(startup.get(service, 0)) or 0.0,
+        "deadline_s": parse_duration(aws_config("plan.deadline")),
+        "head": head,
+    }

@@ -1,0 +1,488 @@
+"""``fruitdask run --cluster ec2 ...``, ``fruitdask emr ...``, ``fruitdask plan ...``.
+
+Argument parsing and printing only; the work is in :mod:`fruitdask.aws`.
+Registered by :func:`fruitdask.cli.build_parser`: ``add_run_arguments`` adds the
+EC2 options of ``run`` (dests prefixed ``ec2_``, handed to
+:func:`fruitdask.aws.ec2.ec2_cluster` through ``ClusterSpec.extra``), and
+``register`` adds the ``emr`` and ``plan`` sub-commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+from fruitdask.cli import UsageError, _positive
+
+__all__ = ["add_run_arguments", "register"]
+
+
+def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
+    """The EC2 options of ``run`` (used with ``--cluster ec2``)."""
+    g = run_parser.add_argument_group(
+        "EC2 (with --cluster ec2; pip install fruitdask[aws]; deploy/README.md)"
+    )
+    g.add_argument(
+        "--region", dest="ec2_region", metavar="REGION", help="AWS region (default: boto's)"
+    )
+    g.add_argument(
+        "--image",
+        dest="ec2_image",
+        metavar="IMAGE",
+        help="Docker image with fruitdask (deploy/Dockerfile), pulled by every instance",
+    )
+    g.add_argument(
+        "--worker-instance-type",
+        dest="ec2_worker_instance_type",
+        metavar="TYPE",
+        help="worker instance type (default c6i.xlarge); --workers sets how many",
+    )
+    g.add_argument(
+        "--scheduler-instance-type",
+        dest="ec2_scheduler_instance_type",
+        metavar="TYPE",
+        help="scheduler instance type (default m5.large)",
+    )
+    g.add_argument(
+        "--ami", dest="ec2_ami", metavar="AMI", help="AMI id (default: newest Ubuntu 22.04)"
+    )
+    g.add_argument(
+        "--no-bootstrap",
+        dest="ec2_no_bootstrap",
+        action="store_true",
+        help="the AMI already has Docker: skip installing it at boot",
+    )
+    g.add_argument(
+        "--instance-profile",
+        dest="ec2_instance_profile",
+        metavar="NAME|ARN",
+        help="IAM instance profile giving the instances S3 access (no keys are sent)",
+    )
+    g.add_argument(
+        "--allow-cidr",
+        dest="ec2_allow_cidr",
+        action="append",
+        metavar="CIDR",
+        help="who may reach the scheduler and dashboard (repeatable; default: your "
+        "public address /32; never 0.0.0.0/0)",
+    )
+    g.add_argument("--spot", dest="ec2_spot", action="store_true", help="workers on spot instances")
+    g.add_argument(
+        "--subnet-id",
+        dest="ec2_subnet_id",
+        metavar="SUBNET",
+        help="subnet (default: default VPC's)",
+    )
+    g.add_argument(
+        "--tag",
+        dest="ec2_tag",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra tag on everything created (repeatable)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        dest="ec2_idle_timeout",
+        metavar="DURATION",
+        help="the scheduler (and so the cluster) shuts down after this long idle (30m)",
+    )
+    g.add_argument(
+        "--dry-run",
+        dest="ec2_dry_run",
+        action="store_true",
+        help="print what would be created and its $/hour; call nothing",
+    )
+
+
+def register(subparsers) -> None:
+    """Add the ``emr`` and ``plan`` sub-commands."""
+    _register_plan(subparsers)
+    _register_emr(subparsers)
+
+
+# ---------------------------------------------------------------- plan
+def _register_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="workers and cost to process N images by a deadline on AWS",
+        description="Estimate the workers needed and the cost of a run on EC2 or EMR, "
+        "from the per-core throughput of a run's manifest.json (or a measured default) "
+        "and a dated on-demand price table. Calls nothing.",
+    )
+    p.add_argument("--images", type=int, required=True, help="number of images")
+    p.add_argument(
+        "--deadline", help="wall-clock budget, start-up included, e.g. 10m, 1h (default 30m)"
+    )
+    p.add_argument(
+        "--workers", type=int, help="plan this many workers instead of meeting a deadline"
+    )
+    p.add_argument(
+        "--instance-type", help="worker instance type (default: compare all, pick the cheapest)"
+    )
+    p.add_argument("--head-instance-type", help="scheduler / EMR primary instance type")
+    p.add_argument(
+        "--manifest",
+        metavar="PATH|URL",
+        help="a run's manifest.json (or its output folder): its images_per_s_per_core",
+    )
+    p.add_argument("--prices", metavar="FILE", help="price table JSON (default: the shipped one)")
+    p.add_argument("--service", choices=("ec2", "emr"), help="EC2 (default) or EMR pricing")
+    p.add_argument(
+        "--startup", metavar="DURATION", help="start-up overhead (default ec2 4m, emr 10m)"
+    )
+    p.add_argument(
+        "--rate", type=float, help="images/s per vCPU (overrides --manifest and the default)"
+    )
+    p.add_argument("--efficiency", type=float, help="scaling efficiency in (0, 1] (0.8)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fruitdask.aws import aws_config
+    from fruitdask.aws import plan as pl
+
+    _positive("--images", args.images)
+    _positive("--workers", args.workers)
+    try:
+        service = args.service or aws_config("plan.service")
+        d = pl.defaults(service)
+        prices = pl.load_prices(args.prices)
+        if args.rate is not None:
+            rate, source = args.rate, "--rate"
+        elif args.manifest:
+            rate, source = pl.throughput_from_manifest(args.manifest)
+        else:
+            rate, source = d["rate_per_core"], "default: README Performance, packed S3 input"
+        deadline = pl.parse_duration(args.deadline) if args.deadline else d["deadline_s"]
+        kwargs: dict[str, Any] = {
+            "rate_per_core": rate,
+            "deadline_s": None if args.workers else deadline,
+            "workers": args.workers,
+            "efficiency": args.efficiency if args.efficiency is not None else d["efficiency"],
+            "startup_s": pl.parse_duration(args.startup) if args.startup else d["startup_s"],
+            "service": service,
+            "minimum_seconds": prices.minimum_seconds,
+        }
+        head = prices.get(args.head_instance_type or d["head"])
+        options = pl.compare(args.images, prices, head, **kwargs)
+        if args.instance_type:
+            best = pl.plan_job(args.images, prices.get(args.instance_type), head, **kwargs)
+        else:
+            if not options:
+                raise pl.PlanError(f"no instance type in {prices.path} has a {service} price")
+            best = options[0]
+    except pl.PlanError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(_plan_json(best, prices, source)))
+    else:
+        print(pl.format_plan(best, prices, source, options[:8] if not args.instance_type else None))
+    return 0
+
+
+def _plan_json(p, prices, source: str) -> dict[str, Any]:
+    return {
+        "service": p.service,
+        "images": p.images,
+        "instance_type": p.instance.name,
+        "workers": p.workers,
+        "vcpus": p.vcpus,
+        "head_instance_type": p.head.name,
+        "images_per_s_per_core": p.rate_per_core,
+        "throughput_source": source,
+        "efficiency": p.efficiency,
+        "startup_s": round(p.startup_s, 1),
+        "job_s": round(p.job_s, 1),
+        "wall_s": round(p.wall_s, 1),
+        "deadline_s": p.deadline_s,
+        "meets_deadline": p.meets_deadline,
+        "usd_per_hour": round(p.usd_per_hour, 4),
+        "cost_usd": round(p.cost_usd, 4),
+        "prices_as_of": prices.as_of,
+        "prices_region": prices.region,
+    }
+
+
+# ---------------------------------------------------------------- emr
+def _register_emr(subparsers) -> None:
+    e = subparsers.add_parser(
+        "emr",
+        help="create an EMR cluster running Dask, submit the Dask and Spark jobs, poll, terminate",
+        description="Amazon EMR with the Dask scheduler and workers started by "
+        "deploy/emr/bootstrap.sh. Every sub-command takes --dry-run (print the exact API "
+        "payload as JSON, call nothing) and --region.",
+    )
+    sub = e.add_subparsers(dest="emr_command", metavar="ACTION", parser_class=type(e))
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--region", help="AWS region (default: boto's)")
+        p.add_argument("--dry-run", action="store_true", help="print the API payload as JSON")
+
+    c = sub.add_parser("create", help="run_job_flow: a cluster with Dask on it")
+    c.add_argument("--name", default="fruitdask", help="cluster name (fruitdask)")
+    c.add_argument(
+        "--bootstrap-uri",
+        required=True,
+        metavar="S3_URL",
+        help="where deploy/emr/bootstrap.sh was uploaded",
+    )
+    c.add_argument(
+        "--package",
+        required=True,
+        help="fruitdask for the nodes: an s3:// wheel (pip wheel --no-deps . -w dist) or pip spec",
+    )
+    c.add_argument(
+        "--constraints", metavar="URL", help="pip constraints (deploy/requirements.txt on S3)"
+    )
+    c.add_argument("--log-uri", required=True, metavar="S3_URL", help="EMR log folder")
+    c.add_argument("--release", help="EMR release label (emr-7.9.0)")
+    c.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    c.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    c.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
+    c.add_argument("--core-spot", action="store_true", help="core nodes on spot")
+    c.add_argument("--idle-timeout", metavar="DURATION", help="auto-terminate after (1h)")
+    c.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
+    c.add_argument("--instance-profile", help="EC2 instance profile (EMR_EC2_DefaultRole)")
+    c.add_argument("--subnet-id")
+    c.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
+    c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    common(c)
+    c.set_defaults(func=cmd_emr_create)
+
+    s = sub.add_parser(
+        "submit",
+        help="add the Dask job and/or the Spark parity job as steps",
+        description="Add the steps; --job-args are passed on to `fruitdask run` / "
+        "`spark_parity run`.",
+    )
+    s.add_argument("cluster_id")
+    s.add_argument("--input", "-i", required=True, help="s3:// folder of images or shards")
+    s.add_argument("--output", "-o", required=True, help="s3:// output folder")
+    s.add_argument(
+        "--job",
+        choices=("dask", "spark", "both"),
+        default="dask",
+        help="dask (default), spark, or both (spark writes to OUTPUT-spark)",
+    )
+    s.add_argument(
+        "--venv-archive",
+        metavar="S3_URL",
+        help="Spark: a venv-pack archive shipped with --archives instead of the bootstrap's venv",
+    )
+    s.add_argument(
+        "--launcher-uri",
+        metavar="S3_URL",
+        help="Spark with --venv-archive: deploy/emr/spark_parity_main.py on S3",
+    )
+    s.add_argument("--wait", action="store_true", help="poll until the steps end")
+    s.add_argument("--timeout", metavar="DURATION", help="stop waiting after this (none)")
+    s.add_argument(
+        "--job-args",
+        default="",
+        metavar="'ARGS'",
+        help="more arguments for the job, one quoted string: --job-args='--overwrite "
+        "--partition-size 2000'",
+    )
+    common(s)
+    s.set_defaults(func=cmd_emr_submit)
+
+    st = sub.add_parser("status", help="cluster state and steps; --wait for a step")
+    st.add_argument("cluster_id")
+    st.add_argument("--step", metavar="STEP_ID", help="the step to --wait for")
+    st.add_argument("--wait", action="store_true", help="poll until --step ends")
+    st.add_argument("--timeout", metavar="DURATION")
+    st.add_argument("--json", action="store_true")
+    common(st)
+    st.set_defaults(func=cmd_emr_status)
+
+    t = sub.add_parser("terminate", help="terminate_job_flows")
+    t.add_argument("cluster_id")
+    common(t)
+    t.set_defaults(func=cmd_emr_terminate)
+
+
+def _aws_errors() -> tuple[type[BaseException], ...]:
+    from fruitdask.aws import AwsError
+
+    return (AwsError,)
+
+
+def _dry(operation: str, payload: dict[str, Any]) -> int:
+    print(json.dumps({"operation": operation, "payload": payload}, indent=1))
+    return 0
+
+
+def _duration(text: str | None) -> float | None:
+    from fruitdask.aws.plan import PlanError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_emr_create(args: argparse.Namespace) -> int:
+    from fruitdask.aws import aws_config, emr, parse_tags
+
+    def conf(value: Any, key: str) -> Any:
+        return aws_config(f"emr.{key}", value)
+
+    _positive("--core-count", args.core_count)
+    idle = _duration(conf(args.idle_timeout, "idle-timeout"))
+    try:
+        s = emr.EmrSettings(
+            bootstrap_uri=args.bootstrap_uri,
+            package=args.package,
+            log_uri=args.log_uri,
+            name=args.name,
+            release=conf(args.release, "release"),
+            primary_instance_type=conf(args.primary_instance_type, "primary-instance-type"),
+            core_instance_type=conf(args.core_instance_type, "core-instance-type"),
+            core_count=int(conf(args.core_count, "core-count")),
+            core_spot=args.core_spot,
+            idle_timeout_s=int(idle or 3600),
+            service_role=conf(args.service_role, "service-role"),
+            instance_profile=conf(args.instance_profile, "instance-profile"),
+            subnet_id=args.subnet_id,
+            key_name=args.key_name,
+            constraints=args.constraints,
+            prefix=conf(None, "prefix"),
+            scheduler_port=int(conf(None, "scheduler-port")),
+            dashboard_port=int(conf(None, "dashboard-port")),
+            tags=parse_tags(args.tag, aws_config("tags")),
+        )
+        payload = emr.create_payload(s)
+        if args.dry_run:
+            return _dry("RunJobFlow", payload)
+        cluster_id = emr.create_cluster(emr.emr_client(args.region), payload)
+    except _aws_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(cluster_id)
+    print(
+        f"created {cluster_id}; submit with: python -m fruitdask emr submit {cluster_id} "
+        "--input s3://... --output s3://...",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_emr_submit(args: argparse.Namespace) -> int:
+    from fruitdask.aws import aws_config, emr
+
+    timeout = _duration(args.timeout)
+    prefix = aws_config("emr.prefix")
+    try:
+        job_args = shlex.split(args.job_args)
+    except ValueError as exc:
+        raise UsageError(f"--job-args: {exc}") from None
+    try:
+        steps = []
+        if args.job in ("dask", "both"):
+            steps.append(
+                emr.dask_step(
+                    args.input,
+                    args.output,
+                    job_args,
+                    prefix=prefix,
+                    scheduler_port=int(aws_config("emr.scheduler-port")),
+                )
+            )
+        if args.job in ("spark", "both"):
+            out = args.output.rstrip("/") + "-spark" if args.job == "both" else args.output
+            steps.append(
+                emr.spark_step(
+                    args.input,
+                    out,
+                    job_args,
+                    prefix=prefix,
+                    venv_archive=args.venv_archive,
+                    launcher_uri=args.launcher_uri,
+                )
+            )
+        payload = emr.steps_payload(args.cluster_id, steps)
+        if args.dry_run:
+            return _dry("AddJobFlowSteps", payload)
+        client = emr.emr_client(args.region)
+        step_ids = emr.add_steps(client, payload)
+        for sid, step in zip(step_ids, steps, strict=True):
+            print(f"{sid}\t{step['Name']}")
+        if not args.wait:
+            return 0
+        return _wait_all(client, args.cluster_id, step_ids, timeout)
+    except _aws_errors() as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _wait_all(client, cluster_id: str, step_ids: list[str], timeout: float | None) -> int:
+    from fruitdask.aws import aws_config, emr
+
+    code = 0
+    for sid in step_ids:
+
+        def show(state: str, sid: str = sid) -> None:
+            print(f"{sid}: {state}", file=sys.stderr, flush=True)
+
+        r = emr.wait_for_step(
+            client,
+            cluster_id,
+            sid,
+            poll_s=float(aws_config("emr.poll-interval")),
+            timeout_s=timeout,
+            on_change=show,
+        )
+        if not r.ok:
+            code = 1
+            print(
+                f"fruitdask: error: step {sid} {r.state}"
+                + (f": {r.reason}" if r.reason else "")
+                + (f" (log: {r.log_file})" if r.log_file else ""),
+                file=sys.stderr,
+            )
+    return code
+
+
+def cmd_emr_status(args: argparse.Namespace) -> int:
+    from fruitdask.aws import emr
+
+    timeout = _duration(args.timeout)
+    if args.dry_run:
+        return _dry("DescribeCluster", {"ClusterId": args.cluster_id})
+    try:
+        client = emr.emr_client(args.region)
+        if args.wait:
+            if not args.step:
+                raise UsageError("--wait needs --step STEP_ID")
+            return _wait_all(client, args.cluster_id, [args.step], timeout)
+        d = emr.describe(client, args.cluster_id)
+    except _aws_errors() as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    print(
+        f"{d['id']} {d['name']}: {d['state']}"
+        + (f" ({d['reason']})" if d["reason"] else "")
+        + (f", primary {d['primary']}" if d["primary"] else "")
+    )
+    for s in d["steps"]:
+        print(f"  {s['id']}  {s['state']:<11} {s['name']}")
+    return 0
+
+
+def cmd_emr_terminate(args: argparse.Namespace) -> int:
+    from fruitdask.aws import emr
+
+    payload = emr.terminate_payload(args.cluster_id)
+    if args.dry_run:
+        return _dry("TerminateJobFlows", payload)
+    try:
+        emr.terminate(emr.emr_client(args.region), args.cluster_id)
+    except _aws_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(f"terminating {args.cluster_id}")
+    return 0

@@ -1,0 +1,771 @@
+"""EC2 deployment through dask-cloudprovider, offline: moto's server on loopback.
+
+The EC2 API is moto's, with instance-type, AMI and key-pair validation on; the
+assertions are on what reached it (security-group rules, decoded user data,
+instance types, tags, termination). The job itself runs **for real**: only the
+VM start is patched, so that the command in each instance's real user data (as
+stored by EC2) runs as a local process on 127.0.0.1, and ``fruitdask run
+--cluster ec2`` then runs the pipeline on that TLS cluster. That part runs in a
+subprocess (``python tests/test_deploy_ec2.py child ...``) because EC2Cluster
+changes dask's TLS configuration for the whole process.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import copy
+import http.server
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "registry.example.invalid/fruitdask:test"
+PROFILE = "fruitdask-test-profile"
+CALLER = "198.51.100.7/32"  # TEST-NET-2: never routed
+CANONICAL = "099720109477"
+
+pytestmark = pytest.mark.cloud
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def aws():
+    """moto's EC2/IAM on a free loopback port, for this module."""
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    from fruitdask.aws.testing import moto_server
+
+    with moto_server() as endpoint:
+        boto3.client("iam").create_instance_profile(InstanceProfileName=PROFILE)
+        yield endpoint
+
+
+@pytest.fixture
+def ec2(aws):
+    import boto3
+
+    return boto3.client("ec2")
+
+
+@pytest.fixture
+def ami(ec2) -> str:
+    """An Ubuntu AMI moto knows (validation refuses unknown ids)."""
+    images = ec2.describe_images(Owners=[CANONICAL])["Images"]
+    return sorted(i["ImageId"] for i in images)[0]
+
+
+@pytest.fixture
+def restore_dask_config():
+    """EC2Cluster sets TLS in dask.config for the whole process; undo it."""
+    import dask.config
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)
+
+
+def _spec(**extra):
+    from fruitdask.cluster import ClusterSpec
+
+    extra.setdefault("ec2_image", IMAGE)
+    extra.setdefault("ec2_allow_cidr", [CALLER])
+    return ClusterSpec(kind="ec2", workers=extra.pop("workers", 2), extra=extra)
+
+
+def _groups(ec2, run_tag: str | None = None) -> list[dict]:
+    groups = ec2.describe_security_groups()["SecurityGroups"]
+    groups = [g for g in groups if g["GroupName"].startswith("fruitdask-")]
+    if run_tag:
+        groups = [g for g in groups if {"Key": "fruitdask-run", "Value": run_tag} in g["Tags"]]
+    return groups
+
+
+def _instances(ec2, key: str, value: str) -> list[dict]:
+    pages = ec2.describe_instances(Filters=[{"Name": f"tag:{key}", "Values": [value]}])
+    return [i for r in pages["Reservations"] for i in r["Instances"]]
+
+
+def _tags(resource: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+# ---------------------------------------------------------------- pure checks
+def test_allow_cidr_is_never_the_internet():
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import check_cidr, security_group_rules
+
+    assert check_cidr("203.0.113.7") == "203.0.113.7/32"
+    assert check_cidr("10.1.0.0/16") == "10.1.0.0/16"
+    assert check_cidr("2001:db8::1") == "2001:db8::1/128"
+    for bad in ("0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/4", "example.com", ""):
+        with pytest.raises(AwsError):
+            check_cidr(bad)
+
+    rules = security_group_rules(["203.0.113.7/32", "2001:db8::/64"], "sg-1", 8786, 8787)
+    assert [(r["IpProtocol"], r.get("FromPort"), r.get("ToPort")) for r in rules] == [
+        ("tcp", 8786, 8786),
+        ("tcp", 8787, 8787),
+        ("-1", None, None),
+    ]
+    for r in rules[:2]:
+        assert [x["CidrIp"] for x in r["IpRanges"]] == ["203.0.113.7/32"]
+        assert [x["CidrIpv6"] for x in r["Ipv6Ranges"]] == ["2001:db8::/64"]
+    assert rules[2]["UserIdGroupPairs"][0]["GroupId"] == "sg-1"
+    assert "0.0.0.0/0" not in json.dumps(rules)
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    answer = b"203.0.113.9\n"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.answer)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _echo_server(answer: bytes):
+    handler = type("Handler", (_EchoHandler,), {"answer": answer})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_caller_address_lookup_on_loopback():
+    """The default --allow-cidr: an IP echo service (here a loopback stand-in for
+    checkip.amazonaws.com); any failure asks for --allow-cidr."""
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import caller_cidr
+    from fruitdask.testing import free_port
+
+    with _echo_server(b"203.0.113.9\n") as url:
+        assert caller_cidr(url, timeout=5) == "203.0.113.9/32"
+    with _echo_server(b"<html>captive portal</html>") as url:
+        with pytest.raises(AwsError, match="--allow-cidr"):
+            caller_cidr(url, timeout=5)
+    with pytest.raises(AwsError, match="--allow-cidr"):
+        caller_cidr(f"http://127.0.0.1:{free_port()}/", timeout=5)
+    assert caller_cidr(fetch=lambda url, timeout: "2001:db8::5") == "2001:db8::5/128"
+
+
+def test_user_data_guard():
+    import dask.config
+
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import check_user_data
+
+    ok = "#cloud-config\nruncmd:\n  - docker run img python -m distributed.cli.dask_scheduler\n"
+    check_user_data(ok, ("a-secret-value-of-some-length",))
+    with pytest.raises(AwsError, match="credentials"):
+        check_user_data(ok + " -e AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE")
+    with pytest.raises(AwsError, match="credentials"):
+        check_user_data(
+            ok + " -e X=a-secret-value-of-some-length", ("a-secret-value-of-some-length",)
+        )
+    # hidden in the base64 dask config the instances inherit
+    blob = dask.config.serialize({"s3": {"secret": "a-secret-value-of-some-length"}})
+    with pytest.raises(AwsError, match="credentials"):
+        check_user_data(
+            f'env DASK_INTERNAL_INHERIT_CONFIG="{blob}" python', ("a-secret-value-of-some-length",)
+        )
+    with pytest.raises(AwsError, match="16,384"):
+        check_user_data("x" * 16385)
+
+
+def test_dry_run_calls_nothing(monkeypatch, capsys):
+    import botocore.client
+
+    from fruitdask.cli import main
+
+    calls = []
+    monkeypatch.setattr(
+        botocore.client.BaseClient, "_make_api_call", lambda self, op, kw: calls.append(op)
+    )
+    rc = main(
+        [
+            "run",
+            "--cluster",
+            "ec2",
+            "--dry-run",
+            "--image",
+            IMAGE,
+            "--workers",
+            "3",
+            "--worker-instance-type",
+            "c6i.2xlarge",
+            "--allow-cidr",
+            "203.0.113.7",
+            "--instance-profile",
+            PROFILE,
+            "--spot",
+            "--tag",
+            "team=vision",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and calls == []
+    assert "3 x c6i.2xlarge" in out and "1 x m5.large" in out
+    assert "tcp 8786" in out and "tcp 8787" in out and "from 203.0.113.7/32" in out
+    assert "0.0.0.0/0" not in out
+    assert "spot" in out and "team=vision" in out and PROFILE in out
+    # 1 x m5.large $0.096 + 3 x c6i.2xlarge $0.34 from the shipped price table
+    assert "$1.116/hour" in out
+
+    rc = main(["run", "--cluster", "ec2", "--dry-run"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fruitdask: error: --image is required") and err.count("\n") == 1
+
+
+def test_missing_aws_extra_gives_the_install_hint(monkeypatch):
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import ec2_cluster
+
+    monkeypatch.setitem(sys.modules, "dask_cloudprovider.aws.ec2", None)
+    with pytest.raises(AwsError, match=r"pip install fruitdask\[aws\]"):
+        with ec2_cluster(_spec()):
+            pass
+
+
+# ---------------------------------------------------------------- against moto
+def test_latest_ami_lookup(ec2):
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import latest_ami
+
+    name = "ubuntu/images/hvm-ssd/ubuntu-*-amd64-server-*"
+    found = latest_ami(ec2, name, CANONICAL)
+    [image] = ec2.describe_images(ImageIds=[found])["Images"]
+    assert image["OwnerId"] == CANONICAL and image["Name"].startswith("ubuntu/images/")
+    with pytest.raises(AwsError, match="--ami"):
+        latest_ami(ec2, "no-such-image-*", CANONICAL)
+
+
+def test_no_caller_address_creates_nothing(ec2):
+    """Without --allow-cidr and no way to find the caller's address: refuse before
+    anything exists in the account."""
+    import dask.config
+
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.ec2 import ec2_cluster
+    from fruitdask.testing import free_port
+
+    def no_lookup() -> str:
+        raise AwsError("cannot determine your public IP address (test); pass --allow-cidr")
+
+    before = _groups(ec2)
+    with pytest.raises(AwsError, match="--allow-cidr"):
+        with ec2_cluster(_spec(ec2_allow_cidr=None), lookup_ip=no_lookup):
+            pass
+    # the default lookup, pointed at a loopback port where nothing listens
+    url = f"http://127.0.0.1:{free_port()}/"
+    with dask.config.set({"fruitdask.aws.ec2.ip-lookup-url": url}):
+        with pytest.raises(AwsError, match="--allow-cidr"):
+            with ec2_cluster(_spec(ec2_allow_cidr=None)):
+                pass
+    assert _groups(ec2) == before
+
+
+def test_failed_start_leaves_nothing(ec2, ami, monkeypatch, restore_dask_config):
+    """A bad scheduler instance type fails in RunInstances (moto validates it): one
+    line, and the security group created before it is deleted."""
+    from fruitdask.aws import AwsError
+    from fruitdask.aws import ec2 as fec2
+
+    seen = {}
+    real = fec2.create_security_group
+
+    def spy(client, **kw):
+        group_id = real(client, **kw)
+        seen["group"] = client.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
+        return group_id
+
+    monkeypatch.setattr(fec2, "create_security_group", spy)
+    spec = _spec(ec2_ami=ami, ec2_scheduler_instance_type="m5.notatype", ec2_tag=["case=fail"])
+    with pytest.raises(AwsError) as info:
+        with fec2.ec2_cluster(spec):
+            pytest.fail("the cluster must not start")
+    msg = str(info.value)
+    assert "InvalidInstanceType" in msg and "m5.notatype" in msg and "\n" not in msg
+
+    group = seen["group"]
+    run_id = _tags(group)["fruitdask-run"]
+    assert _tags(group)["case"] == "fail" and _tags(group)["created-by"] == "fruitdask"
+    ingress = json.dumps(group["IpPermissions"])
+    assert "0.0.0.0/0" not in ingress and "::/0" not in ingress
+    assert _groups(ec2, run_id) == []
+    assert all(i["State"]["Name"] == "terminated" for i in _instances(ec2, "fruitdask-run", run_id))
+
+
+def test_teardown_sweeps_by_tag(ec2, ami):
+    """Instances that the cluster object lost track of are found by the run tag."""
+    from fruitdask.aws.ec2 import create_security_group, teardown
+
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]
+    tags = {"fruitdask-run": "sweep-1", "created-by": "fruitdask"}
+    group = create_security_group(
+        ec2,
+        vpc=vpc["VpcId"],
+        run_id="sweep-1",
+        tags=tags,
+        cidrs=(CALLER,),
+        scheduler_port=8786,
+        dashboard_port=8787,
+    )
+    ec2.run_instances(
+        ImageId=ami,
+        InstanceType="c6i.xlarge",
+        MinCount=2,
+        MaxCount=2,
+        SecurityGroupIds=[group],
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+        ],
+    )
+    assert teardown(ec2, "sweep-1", group, clusters=[], timeout=30) == []
+    states = {i["State"]["Name"] for i in _instances(ec2, "fruitdask-run", "sweep-1")}
+    assert states == {"terminated"}
+    assert _groups(ec2, "sweep-1") == []
+
+
+def test_group_deletion_waits_for_network_interfaces():
+    """Just-terminated instances hold the group (DependencyViolation) for a while."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from fruitdask.aws.ec2 import _delete_group
+
+    client = boto3.client(
+        "ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    sleeps = []
+    with Stubber(client) as stub:
+        for _ in range(2):
+            stub.add_client_error("delete_security_group", "DependencyViolation")
+        stub.add_response("delete_security_group", {}, {"GroupId": "sg-1"})
+        _delete_group(client, "sg-1", timeout=60, sleep=sleeps.append)
+        stub.assert_no_pending_responses()
+    assert sleeps == [5, 5]
+
+
+def test_container_recipe_pins_what_pyproject_allows():
+    """deploy/requirements.txt pins every runtime dependency, within pyproject's ranges,
+    and the Dockerfile installs fruitdask on top of exactly those."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "deploy" / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            [spec] = list(req.specifier)
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = spec.version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in deploy/requirements.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (text, pins[name])
+    docker = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "COPY deploy/requirements.txt" in docker
+    assert "pip install -r /tmp/requirements.txt" in docker
+    assert "pip install --no-deps ." in docker
+    instructions = [x.split()[0] for x in docker.splitlines() if x and not x.startswith("#")]
+    assert "ENTRYPOINT" not in instructions  # dask-cloudprovider appends its own command
+    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text()
+    for copied in ("fruitdask/**", "spark_parity/**", "pyproject.toml", "deploy/requirements.txt"):
+        assert f"!{copied}" in ignore
+
+
+# ---------------------------------------------------------------- the real thing
+def _reference(root: Path):
+    from fruitdask import features, io
+
+    rows, descs = {}, collections.Counter()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name.lower().endswith(io.IMAGE_EXTENSIONS):
+            f = features.extract(p.read_bytes())
+            rel = p.relative_to(root).as_posix()
+            rows[rel] = (f.status, len(f.descriptors))
+            descs.update((rel, d.tobytes()) for d in f.descriptors)
+    return rows, descs
+
+
+def _read(out: Path, table: str):
+    import pyarrow.dataset as ds
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "_SUCCESS").read_text().strip() == manifest["run_id"]
+    return ds.dataset([str(out / f) for f in manifest["files"][table]]).to_table()
+
+
+def _decode_inherited(user_data: str) -> dict:
+    import re
+
+    import dask.config
+
+    [blob] = re.findall(r'DASK_INTERNAL_INHERIT_CONFIG="?([A-Za-z0-9_=-]+)', user_data)
+    return dask.config.deserialize(blob)
+
+
+@pytest.mark.timeout(420)
+def test_ec2_cluster_runs_the_job(aws, ec2, ami, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    scenarios = [
+        {"name": "job", "case": f"job-{tmp_path.name}", "output": str(out)},
+        {"name": "interrupt", "case": f"int-{tmp_path.name}", "output": str(tmp_path / "o2")},
+        {
+            "name": "bad-worker",
+            "case": f"bad-{tmp_path.name}",
+            "output": str(tmp_path / "o3"),
+            "args": ["--worker-instance-type", "c6i.notatype"],
+        },
+    ]
+    report = tmp_path / "report.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "child",
+            str(report),
+            json.dumps({"sample": str(sample_dir), "ami": ami, "scenarios": scenarios}),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = {r["name"]: r for r in json.loads(report.read_text())}
+
+    # No process of any scenario outlives it.
+    import psutil
+
+    for r in results.values():
+        for vm in r["vms"]:
+            assert not psutil.pid_exists(vm["pid"]) or (
+                psutil.Process(vm["pid"]).status() == psutil.STATUS_ZOMBIE
+            ), vm
+        assert r["alive_after"] == [], r
+
+    # ---- the job
+    job = results["job"]
+    assert job["rc"] == 0, job["stderr"][-3000:]
+    assert "Dask dashboard: http://127.0.0.1:" in job["stdout"]
+    ref_rows, ref_desc = _reference(sample_dir)
+    images = _read(out, "images")
+    got = dict(
+        zip(
+            images.column("path").to_pylist(),
+            zip(
+                images.column("status").to_pylist(),
+                images.column("n_keypoints").to_pylist(),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
+    assert got == ref_rows
+    desc = _read(out, "descriptors")
+    assert (
+        collections.Counter(
+            zip(desc.column("path").to_pylist(), desc.column("descriptor").to_pylist(), strict=True)
+        )
+        == ref_desc
+    )
+    assert _read(out, "features").num_rows == desc.num_rows
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cluster"] == {"workers": 2, "threads": 2}
+
+    # What EC2 was asked for: one scheduler, two workers, all terminated now.
+    instances = _instances(ec2, "case", job["case"])
+    by_type = collections.Counter(i["InstanceType"] for i in instances)
+    assert by_type == {"m5.large": 1, "c6i.xlarge": 2}
+    assert {i["State"]["Name"] for i in instances} == {"terminated"}
+    run_id = _tags(instances[0])["fruitdask-run"]
+    for i in instances:
+        tags = _tags(i)
+        assert tags["fruitdask-run"] == run_id and tags["created-by"] == "fruitdask"
+        assert i["ImageId"] == ami
+    for vm in job["vms"]:
+        assert vm["groups"] == [job["group"]["GroupId"]]
+        assert _tags({"Tags": vm["volume_tags"]})["fruitdask-run"] == run_id
+        assert vm["profile"].endswith(f":instance-profile/{PROFILE}")
+
+    # The security group as EC2 held it while the cluster ran; deleted since.
+    group = job["group"]
+    assert _tags(group)["fruitdask-run"] == run_id
+    perms = sorted(group["IpPermissions"], key=lambda p: (p["IpProtocol"], p.get("FromPort", 0)))
+    assert [(p["IpProtocol"], p.get("FromPort")) for p in perms] == [
+        ("-1", None),
+        *sorted(("tcp", job["ports"][k]) for k in ("scheduler", "dashboard")),
+    ]
+    assert [g["GroupId"] for g in perms[0]["UserIdGroupPairs"]] == [group["GroupId"]]
+    assert perms[0]["IpRanges"] == []
+    for p in perms[1:]:
+        assert [r["CidrIp"] for r in p["IpRanges"]] == [CALLER] and p["Ipv6Ranges"] == []
+    assert _groups(ec2, run_id) == []
+
+    # The user data, decoded: the image, the Dask commands, TLS, no AWS keys.
+    from fruitdask.aws.testing import FAKE_KEY_ID, FAKE_SECRET
+
+    roles = collections.Counter(vm["role"] for vm in job["vms"])
+    assert roles == {"scheduler": 1, "worker": 2}
+    for vm in job["vms"]:
+        text = vm["user_data"]
+        assert text.startswith("#cloud-config")
+        assert FAKE_KEY_ID not in text and FAKE_SECRET not in text
+        assert "AWS_SECRET" not in text.upper() and "AWS_ACCESS_KEY" not in text.upper()
+        assert vm["command"][0] == "env" and vm["image"] == IMAGE
+        assert vm["command"][1].startswith("DASK_INTERNAL_INHERIT_CONFIG=")
+        assert "shutdown -h now" in text  # the instance ends when Dask does
+        inherited = json.dumps(_decode_inherited(text))
+        assert FAKE_KEY_ID not in inherited and FAKE_SECRET not in inherited
+        assert '"require-encryption": true' in inherited and "BEGIN PRIVATE KEY" in inherited
+        assert vm["env"] == {
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        cmd = shlex.join(vm["command"])
+        if vm["role"] == "scheduler":
+            assert "-m distributed.cli.dask_scheduler" in cmd
+            assert "--idle-timeout 30m" in cmd and f"--port {job['ports']['scheduler']}" in cmd
+        else:
+            assert "-m distributed.cli.dask_spec" in cmd
+            assert f"tls://127.0.0.1:{job['ports']['scheduler']}" in cmd
+            spec = json.loads(vm["command"][vm["command"].index("--spec") + 1])
+            assert spec["cls"] == "dask.distributed.Nanny"
+            assert spec["opts"]["death_timeout"] == "120s" and spec["opts"]["nthreads"] == 1
+
+    # ---- Ctrl-C in the middle of the job: exit 130, everything gone.
+    r = results["interrupt"]
+    assert r["rc"] == 130 and "interrupted" in r["stderr"], r["stderr"][-2000:]
+    assert r["workers_seen"] == 2
+    instances = _instances(ec2, "case", r["case"])
+    assert len(instances) == 3 and {i["State"]["Name"] for i in instances} == {"terminated"}
+    assert _groups(ec2, _tags(instances[0])["fruitdask-run"]) == []
+
+    # ---- a worker type EC2 refuses: one line, exit 2, the scheduler terminated.
+    r = results["bad-worker"]
+    assert r["rc"] == 2
+    [line] = r["stderr"].strip().splitlines()[-1:]
+    assert line.startswith("fruitdask: error: ") and "c6i.notatype" in line, r["stderr"]
+    instances = _instances(ec2, "case", r["case"])
+    assert [i["InstanceType"] for i in instances] == ["m5.large"]
+    assert instances[0]["State"]["Name"] == "terminated"
+    assert _groups(ec2, _tags(instances[0])["fruitdask-run"]) == []
+    assert not (tmp_path / "o3" / "_SUCCESS").exists()
+
+
+# ---------------------------------------------------------------- the child
+def _command_from_user_data(text: str, image: str) -> tuple[list[str], dict[str, str]]:
+    """The ``docker run`` line of cloud-init: (command after the image, -e variables)."""
+    import yaml
+
+    doc = yaml.safe_load(text)
+    [line] = [c for c in doc["runcmd"] if isinstance(c, str) and c.startswith("docker run")]
+    tokens = shlex.split(line)
+    at = tokens.index(image)
+    env = dict(tokens[j + 1].split("=", 1) for j in range(at) if tokens[j] == "-e")
+    return tokens[at + 1 :], env
+
+
+def _child(report_path: str, params_json: str) -> None:  # pragma: no cover - subprocess
+    import asyncio
+    import contextlib
+    import io as _io
+    import signal
+    import time
+
+    import boto3
+    import dask.config
+    from dask_cloudprovider.aws import ec2 as dcp
+
+    import fruitdask.aws.ec2 as fec2
+    from fruitdask import pipeline
+    from fruitdask.cli import main
+    from fruitdask.testing import free_port
+
+    params = json.loads(params_json)
+    workdir = Path(report_path).parent
+    client = boto3.client("ec2")
+    orig_create, orig_destroy = dcp.EC2Instance.create_vm, dcp.EC2Instance.destroy_vm
+    procs: dict[str, subprocess.Popen] = {}
+    logs: list = []
+    state: dict = {}
+
+    async def create_vm(self):
+        await orig_create(self)  # RunInstances, tags, addresses: all in moto
+        iid = self.instance["InstanceId"]
+        blob = client.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+        text = base64.b64decode(blob["UserData"]["Value"]).decode()
+        command, env = _command_from_user_data(text, IMAGE)
+        [described] = client.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"]
+        volumes = client.describe_volumes(
+            Filters=[{"Name": "attachment.instance-id", "Values": [iid]}]
+        )["Volumes"]
+        run_env = {
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin",
+            "HOME": str(workdir),
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        log = open(workdir / f"{iid}.log", "wb")
+        logs.append(log)
+        # "The VM boots": the command from its user data, as a local process.
+        proc = subprocess.Popen(
+            command, env=run_env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        )
+        procs[iid] = proc
+        state["vms"].append(
+            {
+                "instance_id": iid,
+                "role": "scheduler" if isinstance(self, dcp.EC2Scheduler) else "worker",
+                "user_data": text,
+                "command": command,
+                "env": env,
+                "image": IMAGE if IMAGE in text else None,
+                "pid": proc.pid,
+                "volume_tags": volumes[0].get("Tags", []) if volumes else [],
+                # while it runs: EC2 drops the profile association on termination
+                "profile": described.get("IamInstanceProfile", {}).get("Arn"),
+                "groups": [
+                    g["GroupId"] for n in described["NetworkInterfaces"] for g in n["Groups"]
+                ],
+            }
+        )
+        return "127.0.0.1", None
+
+    def stop(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def destroy_vm(self):
+        await orig_destroy(self)  # TerminateInstances in moto
+        proc = procs.get(self.instance["InstanceId"])
+        if proc is not None:  # "the VM is gone"
+            await asyncio.get_running_loop().run_in_executor(None, stop, proc)
+
+    dcp.EC2Instance.create_vm = create_vm
+    dcp.EC2Instance.destroy_vm = destroy_vm
+
+    real_group = fec2.create_security_group
+
+    def spy_group(ec2_client, **kw):
+        group_id = real_group(ec2_client, **kw)
+        [g] = ec2_client.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+        state["group"] = g
+        return group_id
+
+    fec2.create_security_group = spy_group
+
+    real_run = pipeline.run
+
+    def interrupted_run(cfg, client, **kw):
+        client.wait_for_workers(2, timeout=60)
+        state["workers_seen"] = len(client.scheduler_info()["workers"])
+        raise KeyboardInterrupt
+
+    results = []
+    for sc in params["scenarios"]:
+        state.clear()
+        state["vms"] = []
+        ports = {"scheduler": free_port(), "dashboard": free_port()}
+        pipeline.run = interrupted_run if sc["name"] == "interrupt" else real_run
+        argv = [
+            "run",
+            "--cluster",
+            "ec2",
+            "--input",
+            params["sample"],
+            "--output",
+            sc["output"],
+            "--partition-size",
+            "20",
+            "--workers",
+            "2",
+            "--threads-per-worker",
+            "1",
+            "--region",
+            "us-east-1",
+            "--image",
+            IMAGE,
+            "--ami",
+            params["ami"],
+            "--instance-profile",
+            PROFILE,
+            "--allow-cidr",
+            CALLER,
+            "--tag",
+            f"case={sc['case']}",
+            *sc.get("args", []),
+        ]
+        settings = {
+            "fruitdask.aws.ec2.scheduler-port": ports["scheduler"],
+            "fruitdask.aws.ec2.dashboard-port": ports["dashboard"],
+            "fruitdask.aws.ec2.bind-host": "127.0.0.1",
+            "fruitdask.aws.ec2.start-timeout": "90s",
+            "fruitdask.aws.ec2.teardown-timeout": 30,
+        }
+        out, err = _io.StringIO(), _io.StringIO()
+        t = time.perf_counter()
+        with (
+            dask.config.set(settings),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            rc = main(argv)
+        alive = [iid for iid, p in procs.items() if p.poll() is None]
+        for p in procs.values():
+            stop(p)
+        procs.clear()
+        results.append(
+            {
+                **sc,
+                "rc": rc,
+                "stdout": out.getvalue(),
+                "stderr": err.getvalue(),
+                "seconds": round(time.perf_counter() - t, 1),
+                "ports": ports,
+                "alive_after": alive,
+                **state,
+            }
+        )
+    for f in logs:
+        f.close()
+    Path(report_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":  # pragma: no cover - run by test_ec2_cluster_runs_the_job
+    if sys.argv[1:2] == ["child"]:
+        _child(sys.argv[2], sys.argv[3])

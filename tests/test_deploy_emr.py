@@ -1,0 +1,555 @@
+"""EMR deployment, offline.
+
+- ``deploy/emr/bootstrap.sh`` runs against fake EMR instance-info files in temp
+  folders (one per "node"), starts a real Dask scheduler and workers on loopback
+  (no-systemd mode), and the pipeline runs on them; its systemd mode writes
+  units and calls a fake ``systemctl``.
+- The EMR API payloads round-trip through moto's server on loopback
+  (run_job_flow, add_job_flow_steps, describe, terminate).
+- Step polling is tested with botocore's Stubber (moto never completes steps).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BOOTSTRAP = REPO / "deploy" / "emr" / "bootstrap.sh"
+
+pytestmark = pytest.mark.cloud
+
+
+# ---------------------------------------------------------------- the bootstrap
+def _node(root: Path, name: str, primary: bool, primary_host: str) -> Path:
+    """A fake EMR node: the instance-info files as EMR writes them (abridged)."""
+    info = root / name / "info"
+    info.mkdir(parents=True)
+    (info / "instance.json").write_text(
+        json.dumps(
+            {
+                "isMaster": primary,
+                "isRunningNameNode": primary,
+                "isRunningResourceManager": primary,
+                "instanceGroupId": "ig-PRIMARY" if primary else "ig-CORE",
+            }
+        )
+    )
+    (info / "job-flow.json").write_text(
+        json.dumps(
+            {
+                "jobFlowId": "j-FAKE123",
+                "jobFlowCreationInstant": 1700000000000,
+                "instanceCount": 3,
+                "masterInstanceId": "i-0primary",
+                "masterPrivateDnsName": primary_host,
+                "masterInstanceType": "m5.xlarge",
+                "slaveInstanceType": "m5.xlarge",
+                "hadoopVersion": "3.3.6",
+            }
+        )
+    )
+    return root / name
+
+
+def _bootstrap(node: Path, *args: str, env: dict | None = None, timeout: float = 60):
+    return subprocess.run(
+        [
+            "bash",
+            str(BOOTSTRAP),
+            "--info-dir",
+            str(node / "info"),
+            "--prefix",
+            str(node / "opt"),
+            *args,
+        ],
+        env={**os.environ, "SUDO": "", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _pids(nodes: list[Path]) -> list[int]:
+    return [int(p.read_text()) for n in nodes for p in (n / "opt" / "run").glob("*.pid")]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """Nodes whose processes are stopped after the test, whatever happened."""
+    made: list[Path] = []
+    yield made
+    for pid in _pids(made):
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_bootstrap_starts_dask_and_the_job_runs(nodes, tmp_path, sample_dir):
+    from distributed import Client
+
+    from fruitdask import features, io, pipeline
+    from fruitdask.config import RunConfig
+    from fruitdask.testing import free_port
+
+    sp, dp = free_port(), free_port()
+    common = [
+        "--skip-install",
+        "--python",
+        sys.executable,
+        "--no-systemd",
+        "--bind",
+        "127.0.0.1",
+        "--scheduler-port",
+        str(sp),
+        "--dashboard-port",
+        str(dp),
+        "--nthreads",
+        "1",
+    ]
+    primary = _node(tmp_path, "primary", True, "127.0.0.1")
+    cores = [_node(tmp_path, f"core{i}", False, "127.0.0.1") for i in range(2)]
+    nodes += [primary, *cores]
+    # EMR bootstraps every node at once; the workers retry until the scheduler is up.
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = {
+            n.name: pool.submit(_bootstrap, n, *common, "--local-dir", str(n / "dask"))
+            for n in (primary, *cores)
+        }
+        results = {name: f.result() for name, f in runs.items()}
+    assert time.perf_counter() - t < 30, "a bootstrap action must return quickly"
+    for r in results.values():
+        assert r.returncode == 0, r.stderr
+    logs = {name: r.stderr for name, r in results.items()}
+    assert "role: scheduler" in logs["primary"]
+    assert all("role: worker (primary: 127.0.0.1)" in logs[c.name] for c in cores)
+    assert (primary / "opt" / "run" / "scheduler.pid").exists()
+    assert all((c / "opt" / "run" / "worker.pid").exists() for c in cores)
+    launcher = (primary / "opt" / "spark_parity_main.py").read_text()
+    assert "from spark_parity.cli import main" in launcher
+
+    with Client(f"tcp://127.0.0.1:{sp}", timeout=60) as client:
+        client.wait_for_workers(2, timeout=90)
+        workers = client.scheduler_info()["workers"].values()
+        assert sorted(w["nthreads"] for w in workers) == [1, 1]
+        assert all(w["host"] == "127.0.0.1" for w in workers)
+        out = tmp_path / "out"
+        cfg = RunConfig(input=str(sample_dir), output=str(out), partition_size=25)
+        summary = pipeline.run(cfg, client)
+
+    # the output against direct kernel calls on the same files
+    ref = {}
+    for p in sorted(sample_dir.rglob("*")):
+        if p.is_file() and p.name.lower().endswith(io.IMAGE_EXTENSIONS):
+            f = features.extract(p.read_bytes())
+            ref[p.relative_to(sample_dir).as_posix()] = len(f.descriptors)
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    images = pq.read_table([str(out / f) for f in manifest["files"]["images"]])
+    got = dict(
+        zip(
+            images.column("path").to_pylist(), images.column("n_keypoints").to_pylist(), strict=True
+        )
+    )
+    assert got == ref and summary.descriptors == sum(ref.values())
+    assert manifest["cluster"] == {"workers": 2, "threads": 2}
+
+    # --stop ends what it started; nothing is left behind
+    pids = _pids(nodes)
+    assert len(pids) == 3 and all(_alive(p) for p in pids)
+    for node in (*cores, primary):
+        r = _bootstrap(node, "--no-systemd", "--stop")
+        assert r.returncode == 0, r.stderr
+    assert not any(_alive(p) for p in pids)
+    assert _pids(nodes) == []
+
+
+def test_bootstrap_systemd_units(tmp_path):
+    """The EMR path: units written, enabled without blocking (fake systemctl)."""
+    calls = tmp_path / "systemctl.log"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {"SYSTEMCTL": str(fake)}
+    host = "ip-10-0-0-1.ec2.internal"
+    for name, is_primary in (("primary", True), ("core", False)):
+        node = _node(tmp_path, name, is_primary, host)
+        units = node / "units"
+        r = _bootstrap(
+            node,
+            "--skip-install",
+            "--python",
+            sys.executable,
+            "--systemd-dir",
+            str(units),
+            "--local-dir",
+            str(node / "dask"),
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        role = "scheduler" if is_primary else "worker"
+        unit = (units / f"fruitdask-dask-{role}.service").read_text()
+        [exec_start] = [x for x in unit.splitlines() if x.startswith("ExecStart=")]
+        if is_primary:
+            assert f"{sys.executable} -m distributed.cli.dask_scheduler --port 8786" in exec_start
+            assert "--dashboard-address :8787" in exec_start
+        else:
+            assert f"-m distributed.cli.dask_worker tcp://{host}:8786" in exec_start
+            assert "--memory-limit auto" in exec_start
+        assert "Restart=always" in unit and "Environment=OMP_NUM_THREADS=1" in unit
+        assert "WantedBy=multi-user.target" in unit
+    assert calls.read_text().splitlines() == [
+        "daemon-reload",
+        "enable --now --no-block fruitdask-dask-scheduler.service",
+        "daemon-reload",
+        "enable --now --no-block fruitdask-dask-worker.service",
+    ]
+
+
+def test_bootstrap_refuses_without_info_files(tmp_path):
+    node = tmp_path / "nowhere"
+    r = _bootstrap(node, "--skip-install", "--python", sys.executable, "--no-systemd")
+    assert r.returncode == 2 and "instance.json not found" in r.stderr
+    bad = _node(tmp_path, "bad", True, "x")
+    (bad / "info" / "instance.json").write_text("{}")
+    r = _bootstrap(bad, "--skip-install", "--python", sys.executable, "--no-systemd")
+    assert r.returncode == 2 and "no isMaster" in r.stderr
+    r = _bootstrap(bad, "--no-systemd")
+    assert r.returncode == 2
+
+
+# ---------------------------------------------------------------- payloads
+def _settings(**kw):
+    from fruitdask.aws.emr import EmrSettings
+
+    base = {
+        "bootstrap_uri": "s3://fruitdask-deploy/emr/bootstrap.sh",
+        "package": "s3://fruitdask-deploy/dist/fruitdask-0.1.0-py3-none-any.whl",
+        "log_uri": "s3://fruitdask-deploy/logs/",
+        "constraints": "s3://fruitdask-deploy/requirements.txt",
+        "tags": {"team": "vision"},
+    }
+    return EmrSettings(**{**base, **kw})
+
+
+def test_payloads():
+    from fruitdask.aws import AwsError, emr
+
+    p = emr.create_payload(_settings(core_spot=True, idle_timeout_s=1800, subnet_id="subnet-1"))
+    assert p["ReleaseLabel"].startswith("emr-7.")
+    assert p["AutoTerminationPolicy"] == {"IdleTimeout": 1800}
+    assert p["Instances"]["KeepJobFlowAliveWhenNoSteps"] is True
+    groups = {g["InstanceRole"]: g for g in p["Instances"]["InstanceGroups"]}
+    assert groups["MASTER"]["InstanceCount"] == 1 and groups["MASTER"]["Market"] == "ON_DEMAND"
+    assert groups["CORE"]["InstanceCount"] == 2 and groups["CORE"]["Market"] == "SPOT"
+    [ba] = p["BootstrapActions"]
+    args = ba["ScriptBootstrapAction"]["Args"]
+    assert args[args.index("--package") + 1].endswith(".whl")
+    assert args[args.index("--constraints") + 1] == "s3://fruitdask-deploy/requirements.txt"
+    assert {"Key": "team", "Value": "vision"} in p["Tags"]
+    for bad in ({"log_uri": "/tmp/logs"}, {"bootstrap_uri": "deploy/emr/bootstrap.sh"}):
+        with pytest.raises(AwsError, match="s3://"):
+            _settings(**bad)
+
+    d = emr.dask_step("s3://b/in", "s3://b/out", ["--overwrite"])
+    assert d["HadoopJarStep"]["Jar"] == "command-runner.jar"
+    a = d["HadoopJarStep"]["Args"]
+    assert a[:4] == ["/opt/fruitdask/venv/bin/python", "-m", "fruitdask", "run"]
+    assert a[a.index("--cluster") + 1] == "tcp://127.0.0.1:8786" and a[-1] == "--overwrite"
+    with pytest.raises(AwsError, match="every node"):
+        emr.dask_step("/home/me/images", "s3://b/out")
+
+    s = emr.spark_step("s3://b/in", "s3://b/out-spark")["HadoopJarStep"]["Args"]
+    assert s[:5] == ["spark-submit", "--master", "yarn", "--deploy-mode", "client"]
+    assert "spark.pyspark.python=/opt/fruitdask/venv/bin/python" in s
+    launcher = s.index("/opt/fruitdask/spark_parity_main.py")
+    assert s[launcher + 1 : launcher + 4] == ["run", "--master", "yarn"] and "--native-s3" in s
+    s = emr.spark_step(
+        "s3://b/in",
+        "s3://b/o",
+        venv_archive="s3://d/venv.tar.gz",
+        launcher_uri="s3://d/spark_parity_main.py",
+    )["HadoopJarStep"]["Args"]
+    assert s[s.index("--archives") + 1] == "s3://d/venv.tar.gz#environment"
+    assert "spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python" in s
+    assert s[s.index("--deploy-mode") + 1] == "cluster"
+    with pytest.raises(AwsError, match="launcher"):
+        emr.spark_step("s3://b/in", "s3://b/o", venv_archive="s3://d/venv.tar.gz")
+
+
+def test_cli_dry_run_prints_the_payloads(capsys, monkeypatch):
+    import botocore.client
+
+    from fruitdask.aws import emr
+    from fruitdask.cli import main
+
+    calls = []
+    monkeypatch.setattr(
+        botocore.client.BaseClient, "_make_api_call", lambda self, op, kw: calls.append(op)
+    )
+    s = _settings()
+    rc = main(
+        [
+            "emr",
+            "create",
+            "--bootstrap-uri",
+            s.bootstrap_uri,
+            "--package",
+            s.package,
+            "--constraints",
+            s.constraints,
+            "--log-uri",
+            s.log_uri,
+            "--tag",
+            "team=vision",
+            "--dry-run",
+        ]
+    )
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"operation": "RunJobFlow", "payload": emr.create_payload(s)}
+
+    rc = main(
+        [
+            "emr",
+            "submit",
+            "j-1",
+            "-i",
+            "s3://b/in",
+            "-o",
+            "s3://b/out",
+            "--job",
+            "both",
+            "--dry-run",
+        ]
+    )
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["operation"] == "AddJobFlowSteps"
+    steps = printed["payload"]["Steps"]
+    assert [st["HadoopJarStep"]["Args"][0] for st in steps] == [
+        "/opt/fruitdask/venv/bin/python",
+        "spark-submit",
+    ]
+    assert "s3://b/out-spark" in steps[1]["HadoopJarStep"]["Args"]
+    assert (
+        main(
+            [
+                "emr",
+                "submit",
+                "j-1",
+                "-i",
+                "s3://b/in",
+                "-o",
+                "s3://b/o",
+                "--dry-run",
+                "--job-args=--overwrite --partition-size 2000",
+            ]
+        )
+        == 0
+    )
+    [step] = json.loads(capsys.readouterr().out)["payload"]["Steps"]
+    assert step["HadoopJarStep"]["Args"][-3:] == ["--overwrite", "--partition-size", "2000"]
+
+    assert main(["emr", "terminate", "j-1", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["payload"] == {"JobFlowIds": ["j-1"]}
+    assert calls == []
+
+    assert main(["emr", "submit", "j-1", "-i", "./local", "-o", "s3://b/o", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fruitdask: error: --input") and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def aws():
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    from fruitdask.aws.testing import moto_server
+
+    with moto_server() as endpoint:
+        iam = boto3.client("iam")
+        trust = json.dumps({"Version": "2012-10-17", "Statement": []})
+        iam.create_role(RoleName="EMR_DefaultRole", AssumeRolePolicyDocument=trust)
+        iam.create_role(RoleName="EMR_EC2_DefaultRole", AssumeRolePolicyDocument=trust)
+        iam.create_instance_profile(InstanceProfileName="EMR_EC2_DefaultRole")
+        yield endpoint
+
+
+def test_payloads_round_trip_through_moto(aws, capsys):
+    import boto3
+
+    from fruitdask.aws import emr
+    from fruitdask.cli import main
+
+    client = boto3.client("emr")
+    s = _settings()
+    payload = emr.create_payload(s)
+    argv = ["emr", "create", "--bootstrap-uri", s.bootstrap_uri, "--package", s.package]
+    argv += ["--constraints", s.constraints, "--log-uri", s.log_uri, "--tag", "team=vision"]
+    assert main(argv) == 0
+    cluster_id = capsys.readouterr().out.strip()
+    assert cluster_id.startswith("j-")
+
+    c = client.describe_cluster(ClusterId=cluster_id)["Cluster"]
+    assert c["Name"] == payload["Name"] and c["ReleaseLabel"] == payload["ReleaseLabel"]
+    assert c["LogUri"] == payload["LogUri"]
+    assert c["ServiceRole"] == "EMR_DefaultRole"
+    assert c["Ec2InstanceAttributes"]["IamInstanceProfile"] == "EMR_EC2_DefaultRole"
+    assert {a["Name"] for a in c["Applications"]} >= {"Hadoop", "Spark"}
+    assert {(t["Key"], t["Value"]) for t in c["Tags"]} == {
+        ("team", "vision"),
+        ("created-by", "fruitdask"),
+    }
+    groups = client.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]
+    assert sorted(
+        (g["InstanceGroupType"], g["InstanceType"], g["RequestedInstanceCount"]) for g in groups
+    ) == [("CORE", "m5.xlarge", 2), ("MASTER", "m5.xlarge", 1)]
+    [ba] = client.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
+    sent = payload["BootstrapActions"][0]["ScriptBootstrapAction"]
+    assert ba["ScriptPath"] == sent["Path"] and ba["Args"] == sent["Args"]
+
+    assert (
+        main(["emr", "submit", cluster_id, "-i", "s3://b/in", "-o", "s3://b/out", "--job", "both"])
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(x.startswith("s-") for x in lines)
+    steps = {st["Id"]: st for st in client.list_steps(ClusterId=cluster_id)["Steps"]}
+    dask_id, spark_id = (x.split("\t")[0] for x in lines)
+    assert (
+        steps[dask_id]["Config"]["Args"]
+        == emr.dask_step("s3://b/in", "s3://b/out")["HadoopJarStep"]["Args"]
+    )
+    assert steps[spark_id]["Config"]["Args"][0] == "spark-submit"
+    assert steps[spark_id]["Config"]["Jar"] == "command-runner.jar"
+
+    assert main(["emr", "status", cluster_id, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["id"] == cluster_id and len(status["steps"]) == 2
+
+    assert main(["emr", "terminate", cluster_id]) == 0
+    capsys.readouterr()
+    state = client.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"]
+    assert state in ("TERMINATING", "TERMINATED")
+
+
+# ---------------------------------------------------------------- polling
+def _stubbed():
+    import boto3
+    from botocore.stub import Stubber
+
+    client = boto3.client(
+        "emr", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    return client, Stubber(client)
+
+
+def _step(state: str, **status) -> dict:
+    return {
+        "Step": {
+            "Id": "s-1",
+            "Name": "fruitdask: Dask job",
+            "Config": {"Jar": "command-runner.jar", "Args": []},
+            "ActionOnFailure": "CONTINUE",
+            "Status": {"State": state, **status},
+        }
+    }
+
+
+def test_wait_for_step_polls_until_done():
+    from fruitdask.aws.emr import wait_for_step
+
+    client, stub = _stubbed()
+    expected = {"ClusterId": "j-1", "StepId": "s-1"}
+    for state in ("PENDING", "PENDING", "RUNNING", "RUNNING", "COMPLETED"):
+        stub.add_response("describe_step", _step(state), expected)
+    seen, sleeps = [], []
+    with stub:
+        r = wait_for_step(
+            client, "j-1", "s-1", poll_s=7, on_change=seen.append, sleep=sleeps.append
+        )
+        stub.assert_no_pending_responses()
+    assert r.ok and r.state == "COMPLETED"
+    assert seen == ["PENDING", "RUNNING", "COMPLETED"] and sleeps == [7, 7, 7, 7]
+
+
+def test_wait_for_step_reports_failure_and_timeout():
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.emr import wait_for_step
+
+    client, stub = _stubbed()
+    failure = {
+        "Reason": "Unknown Error",
+        "Message": "Exception in thread main: step failed with exitCode 2",
+        "LogFile": "s3://logs/j-1/steps/s-1/stderr.gz",
+    }
+    stub.add_response("describe_step", _step("RUNNING"))
+    stub.add_response("describe_step", _step("FAILED", FailureDetails=failure))
+    with stub:
+        r = wait_for_step(client, "j-1", "s-1", sleep=lambda s: None)
+    assert not r.ok and r.state == "FAILED"
+    assert r.reason == failure["Message"] and r.log_file == failure["LogFile"]
+
+    client, stub = _stubbed()
+    now = iter(range(0, 1000, 10))
+    for _ in range(4):
+        stub.add_response("describe_step", _step("RUNNING"))
+    with stub, pytest.raises(AwsError, match="still RUNNING after 30s"):
+        wait_for_step(
+            client, "j-1", "s-1", timeout_s=30, sleep=lambda s: None, clock=lambda: next(now)
+        )
+
+    client, stub = _stubbed()
+    stub.add_client_error("describe_step", "InvalidRequestException", "Step s-9 not found")
+    with stub, pytest.raises(AwsError, match="Step s-9 not found"):
+        wait_for_step(client, "j-1", "s-9")
+
+
+def test_cli_submit_wait_exit_codes(monkeypatch, capsys):
+    import dask.config
+
+    from fruitdask.aws import emr
+    from fruitdask.cli import main
+
+    client, stub = _stubbed()
+    monkeypatch.setattr(emr, "emr_client", lambda region=None: client)
+    argv = ["emr", "submit", "j-1", "-i", "s3://b/in", "-o", "s3://b/out", "--wait"]
+    stub.add_response("add_job_flow_steps", {"StepIds": ["s-1"]})
+    stub.add_response("describe_step", _step("RUNNING"))
+    stub.add_response(
+        "describe_step",
+        _step("FAILED", FailureDetails={"Message": "exitCode 2", "LogFile": "s3://l/stderr.gz"}),
+    )
+    with stub, dask.config.set({"fruitdask.aws.emr.poll-interval": 0}):
+        assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "s-1: RUNNING",
+        "s-1: FAILED",
+        "fruitdask: error: step s-1 FAILED: exitCode 2 (log: s3://l/stderr.gz)",
+    ]
+    client, stub = _stubbed()
+    monkeypatch.setattr(emr, "emr_client", lambda region=None: client)
+    stub.add_response("add_job_flow_steps", {"StepIds": ["s-2"]})
+    stub.add_response("describe_step", _step("COMPLETED"))
+    with stub, dask.config.set({"fruitdask.aws.emr.poll-interval": 0}):
+        assert main(argv) == 0
+    assert capsys.readouterr().out == "s-2\tfruitdask: Dask job\n"
