@@ -1,0 +1,311 @@
+"""Get a SparkSession: check Java and pyspark first, so a missing one is one line.
+
+pyspark is an optional dependency (``pip install fruitdask[spark]``) and needs a
+Java 17+ runtime. Both are checked here, before any JVM is launched, because
+pyspark's own failure is a Py4J traceback ending in ``JAVA_GATEWAY_EXITED``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "MIN_JAVA",
+    "SparkSpec",
+    "SparkUnavailable",
+    "find_java",
+    "import_pyspark",
+    "java_major",
+    "parse_master",
+    "quiet_pandas_warning",
+    "start",
+    "ui_url",
+]
+
+#: Spark 4 runs on Java 17 and 21.
+MIN_JAVA = 17
+
+_JAVA_HINT = (
+    f"Spark needs Java {MIN_JAVA}+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+)
+
+
+class SparkUnavailable(Exception):
+    """pyspark or a suitable Java is missing, or the Spark driver could not start."""
+
+
+@dataclass(frozen=True)
+class SparkSpec:
+    """Where and how to start Spark.
+
+    Attributes
+    ----------
+    master : str
+        ``local[N]``, ``local[*]``, ``spark://...`` or ``yarn``; ``local[N]`` with
+        N the number of cores when None.
+    driver_memory : str, optional
+        ``spark.driver.memory`` (in local mode the executors live in the driver JVM).
+    conf : dict
+        Extra Spark settings, applied last (they win).
+    event_log : str, optional
+        A folder for Spark's event log, which the history server reads.
+    """
+
+    master: str | None = None
+    driver_memory: str | None = None
+    conf: dict[str, str] = field(default_factory=dict)
+    event_log: str | None = None
+    app_name: str = "fruitdask-spark-parity"
+
+    def resolved_master(self) -> str:
+        return self.master or f"local[{os.cpu_count() or 1}]"
+
+
+_MASTER = re.compile(r"^local(\[(\*|\d+)(,\s*\d+)?\])?$")
+
+
+def parse_master(master: str) -> int | None:
+    """Cores of a ``local`` master (None for a cluster master); ValueError when malformed."""
+    m = _MASTER.match(master.strip())
+    if m is None:
+        if master.startswith(("spark://", "yarn", "k8s://", "mesos://")):
+            return None
+        raise ValueError(
+            f"master must be local, local[N], local[*], spark://host:port or yarn, got {master!r}"
+        )
+    n = m.group(2)
+    if n is None:
+        return 1
+    if n == "*":
+        return os.cpu_count() or 1
+    if int(n) < 1:
+        raise ValueError(f"master {master!r}: needs at least one core")
+    return int(n)
+
+
+def import_pyspark():
+    """Import pyspark, or raise SparkUnavailable with the install hint."""
+    try:
+        with warnings.catch_warnings():
+            # pyspark 4.x warns on pandas >= 3 at import; the job does not use the
+            # pandas-on-Spark API it is about.
+            warnings.simplefilter("ignore", FutureWarning)
+            import pyspark
+            import pyspark.sql
+    except ImportError as exc:
+        raise SparkUnavailable(
+            f"pyspark is not installed ({exc}): pip install fruitdask[spark]"
+        ) from None
+    return pyspark
+
+
+def java_major(version_text: str) -> int | None:
+    """Major version from ``java -version`` output (``"1.8.0_292"`` is 8, ``"17.0.15"`` 17)."""
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', version_text)
+    if m is None:
+        return None
+    major = int(m.group(1))
+    if major == 1 and m.group(2) is not None:
+        return int(m.group(2))
+    return major
+
+
+def find_java() -> tuple[str, int]:
+    """The ``java`` Spark's launcher will run, and its major version.
+
+    Resolved as ``bin/spark-class`` does: ``$JAVA_HOME/bin/java`` when JAVA_HOME
+    is set, otherwise ``java`` on the PATH.
+
+    Raises
+    ------
+    SparkUnavailable
+        No java, one that does not run, or one older than :data:`MIN_JAVA`.
+    """
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        exe = os.path.join(home, "bin", "java")
+        if not os.access(exe, os.X_OK):
+            raise SparkUnavailable(f"JAVA_HOME={home} has no bin/java; {_JAVA_HINT}")
+    else:
+        found = shutil.which("java")
+        if found is None:
+            raise SparkUnavailable(f"java not found (JAVA_HOME unset, none on PATH); {_JAVA_HINT}")
+        exe = found
+    try:
+        proc = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SparkUnavailable(f"{exe} does not run ({exc}); {_JAVA_HINT}") from None
+    major = java_major(proc.stderr + proc.stdout)
+    if proc.returncode != 0 or major is None:
+        raise SparkUnavailable(f"{exe} -version failed; {_JAVA_HINT}")
+    if major < MIN_JAVA:
+        raise SparkUnavailable(f"{exe} is Java {major}; {_JAVA_HINT}")
+    return exe, major
+
+
+# Spark logs INFO to the console by default; warnings and errors are enough.
+# Task failures are logged by the executor with a full Python traceback and then
+# re-raised in the driver, where the job turns them into one line: keep only that.
+_LOG4J = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop.name = org.apache.hadoop.util.NativeCodeLoader
+logger.hadoop.level = error
+logger.executor.name = org.apache.spark.executor.Executor
+logger.executor.level = off
+logger.tsm.name = org.apache.spark.scheduler.TaskSetManager
+logger.tsm.level = off
+logger.pyrunner.name = org.apache.spark.api.python.PythonRunner
+logger.pyrunner.level = off
+logger.blocks.name = org.apache.spark.storage.BlockManager
+logger.blocks.level = error
+"""
+
+
+def _log4j_file() -> str:
+    path = os.path.join(tempfile.gettempdir(), f"fruitdask-spark-log4j2-{os.getuid()}.properties")
+    if not os.path.exists(path) or open(path).read() != _LOG4J:
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(_LOG4J)
+        os.replace(tmp, path)
+    return path
+
+
+def _builder_conf(spec: SparkSpec) -> dict[str, str]:
+    conf: dict[str, Any] = {
+        # Bind the driver, its block manager and the UI to loopback unless asked
+        # (the Dask side does the same; the UI has no authentication).
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{_log4j_file()}",
+        # One Python worker per core, reused across tasks: the modules the job
+        # imports (OpenCV, pyarrow) are loaded once per worker, not per task.
+        "spark.python.worker.reuse": "true",
+        # The warm-up's 32-element array expression would log a "truncated plan" warning.
+        "spark.sql.debug.maxToStringFields": "100",
+    }
+    if spec.driver_memory:
+        conf["spark.driver.memory"] = spec.driver_memory
+    if spec.event_log:
+        conf["spark.eventLog.enabled"] = "true"
+        conf["spark.eventLog.dir"] = spec.event_log
+    conf.update(spec.conf)
+    return {k: str(v) for k, v in conf.items()}
+
+
+# Imported once in each Python worker at start-up, so the first partition does
+# not pay ~0.5 s of imports inside the timed extraction (cf. fruitdask.cluster).
+_WARM_MODULES = ("cv2", "pyarrow.parquet", "fruitdask.pipeline", "fruitdask.io")
+
+
+def _warm(batches):
+    import importlib
+
+    import pyarrow as pa
+
+    for name in _WARM_MODULES:
+        importlib.import_module(name)
+    n = sum(b.num_rows for b in batches)
+    yield pa.RecordBatch.from_pydict({"n": pa.array([n], pa.int64())})
+
+
+def _warm_ml(spark) -> None:
+    from pyspark.ml.feature import PCA
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    x = F.array(*[((F.col("id") * (i + 3)) % 11).cast("float") for i in range(32)])
+    df = spark.range(0, 64, 1, 1).select(array_to_vector(x).alias("v"))
+    PCA(k=2, inputCol="v").fit(df)
+
+
+def warm_up(spark, cores: int) -> None:
+    """Start one Python worker per core and import the job's modules in it; load
+    Spark ML's classes (the first PCA fit of a JVM costs ~3 s more than the next).
+
+    Both are start-up costs of any job, as the Dask side's imports on its workers.
+    """
+    ml = threading.Thread(target=_warm_ml, args=(spark,), daemon=True)
+    ml.start()  # JVM-side; overlaps the Python workers' imports
+    spark.range(0, cores, 1, cores).mapInArrow(_warm, "n long").collect()
+    ml.join()
+
+
+@contextlib.contextmanager
+def start(spec: SparkSpec) -> Iterator[tuple[Any, float]]:
+    """Yield ``(spark, startup_seconds)``; the session is stopped on exit, error or Ctrl-C.
+
+    Raises
+    ------
+    SparkUnavailable
+        pyspark or Java is missing, or the JVM did not start.
+    """
+    t0 = time.perf_counter()
+    import_pyspark()
+    find_java()
+    master = spec.resolved_master()
+    cores = parse_master(master)
+    from pyspark.sql import SparkSession
+
+    # The driver and the local executors bind to loopback (SPARK_LOCAL_IP is read
+    # by the launcher before any conf): no "hostname resolves to a loopback" warning.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.master(master).appName(spec.app_name)
+    for k, v in _builder_conf(spec).items():
+        builder = builder.config(k, v)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            spark = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - a Py4J/launcher failure becomes one line
+        raise SparkUnavailable(f"the Spark driver did not start: {_first_line(exc)}") from None
+    try:
+        spark.sparkContext.setLogLevel("WARN")
+        with quiet_pandas_warning():
+            warm_up(spark, cores or spark.sparkContext.defaultParallelism)
+        yield spark, time.perf_counter() - t0
+    finally:
+        spark.stop()
+
+
+@contextlib.contextmanager
+def quiet_pandas_warning() -> Iterator[None]:
+    """Silence pyspark 4.x's warning, at every Arrow UDF, that it does not fully
+    support pandas >= 3: the job hands Arrow batches, not pandas objects, to Spark."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="PySpark does not yet fully support pandas", category=FutureWarning
+        )
+        yield
+
+
+def ui_url(spark) -> str | None:
+    """The Spark UI of this session (None when the UI is disabled)."""
+    try:
+        return spark.sparkContext.uiWebUrl
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
