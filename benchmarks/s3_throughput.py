@@ -35,13 +35,15 @@ def _cpu(pid: int) -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _run(cfg, workers: int, client_kind: str) -> tuple[float, dict]:
+def _run(cfg, workers: int | None, client_kind: str) -> tuple[float, dict]:
     from fruitdask import pipeline
     from fruitdask.cluster import ClusterSpec, connect
 
     os.environ["FRUITDASK_S3_CLIENT"] = client_kind  # inherited by the worker processes
     try:
-        spec = ClusterSpec(workers=workers, threads_per_worker=1, dashboard_address=":0")
+        # fruitdask's default layout unless --workers (then one thread each)
+        threads = None if workers is None else 1
+        spec = ClusterSpec(workers=workers, threads_per_worker=threads, dashboard_address=":0")
         with connect(spec) as (client, _):
             pipeline.preload(cfg.pca_method)
             t = time.perf_counter()
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--workers", type=int, help="worker processes of one thread (default: fruitdask's layout)"
+    )
     ap.add_argument("--packed", action="store_true", help="also run from packed shards")
     ap.add_argument("--clients", default="s3fs-plain,s3fs,arrow")
     ap.add_argument("--shard-size", type=int, default=None, help="pack shard size")

@@ -43,9 +43,11 @@ def tree_rss(root_pid: int) -> int:
     return total
 
 
-def run_once(data: Path, out: Path, workers: int) -> dict:
+def run_once(data: Path, out: Path, cores: int | None) -> dict:
+    """One run; ``cores=None``: fruitdask's default layout, else that many 1-thread workers."""
+    layout = [] if cores is None else ["--workers", str(cores), "--threads-per-worker", "1"]
     cmd = [sys.executable, "-m", "fruitdask", "run", "-i", str(data), "-o", str(out),
-           "--workers", str(workers), "--dashboard-address", "127.0.0.1:0", "--quiet",
+           *layout, "--dashboard-address", "127.0.0.1:0", "--quiet",
            "--overwrite"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
     peak = 0
@@ -70,7 +72,8 @@ def run_once(data: Path, out: Path, workers: int) -> dict:
     m = json.loads((out / "manifest.json").read_text())
     return {
         "images": m["counts"]["images"],
-        "workers": workers,
+        "workers": m["cluster"].get("workers"),
+        "threads": m["cluster"].get("threads"),
         "wall_s": round(wall, 2),
         "images_per_s_end_to_end": round(m["counts"]["images"] / wall, 1),
         "images_per_s_excl_startup": m["throughput"]["images_per_s"],
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         data[n] = d
     rows = []
     for n in sizes:
-        r = run_once(data[n], tmp / f"out-{n}", max(workers))
+        r = run_once(data[n], tmp / f"out-{n}", None)
         rows.append(r)
         print(f"size {n:>6,}: {r}", flush=True)
     by_workers = []
@@ -112,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps({"sizes": rows, "workers": by_workers}, indent=1))
     lines = [
-        "| images | workers | wall s (all) | images/s (all) | images/s (excl. start-up) "
-        "| peak RSS, process tree |",
+        "| images | workers x threads | wall s (all) | images/s (all) "
+        "| images/s (excl. start-up) | peak RSS, process tree |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows + by_workers:
         lines.append(
-            f"| {r['images']:,} | {r['workers']} | {r['wall_s']:.1f} | "
+            f"| {r['images']:,} | {r['workers']} x {r['threads']} | {r['wall_s']:.1f} | "
             f"{r['images_per_s_end_to_end']:,.0f} | {r['images_per_s_excl_startup']:,.0f} | "
             f"{r['peak_rss_gib']:.2f} GiB |"
         )
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
            label="whole command")  # fmt: skip
     a.set_xlabel("images")
     a.set_ylabel("images/s")
-    a.set_title(f"throughput vs data set size ({max(workers)} workers)")
+    lay = f"{rows[0]['workers']} worker(s) x {rows[0]['threads']} threads"
+    a.set_title(f"throughput vs data set size ({lay})")
     a.legend()
     a.set_ylim(bottom=0)
     a2 = a.twinx()
