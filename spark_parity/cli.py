@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "row UDFs, explode, VectorUDT and default partitioning",
     )
     r.add_argument(
+        "--reader",
+        choices=("binaryfile", "fsspec"),
+        help="binaryfile: Spark's binaryFile source (default for a local folder); fsspec: "
+        "fruitdask's listing on the driver, bytes fetched in the executors (default otherwise)",
+    )
+    r.add_argument(
         "--native-s3",
         action="store_true",
         help="read s3:// with Spark's binaryFile source (EMRFS on EMR) instead of "
@@ -91,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--event-log", metavar="DIR", help="keep Spark's event log for the history server"
     )
+    g.add_argument(
+        "--java-option", action="append", metavar="OPTION", help="extra driver JVM option"
+    )
+    g.add_argument(
+        "--no-cds",
+        action="store_true",
+        help="tuned: do not use the class-data-sharing archive (see `spark_parity cds`)",
+    )
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_storage_arguments(r)
@@ -98,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     # build_run_config reads these `fruitdask run` options: Spark's PCA is exact,
     # has no batches and cannot resume.
     r.set_defaults(func=cmd_run, pca="exact", pca_batch_size=None, resume=False)
+
+    c = sub.add_parser(
+        "cds",
+        help="build the JVM class-data-sharing archive that halves the tuned start-up",
+        description="Run the tuned job once on a few generated images with a JVM that "
+        "dumps the classes it loads into an archive (~200 MB, in ~/.cache/fruitdask/"
+        "spark-cds/), which later tuned runs map instead of reading Spark's jars. Once per "
+        "pyspark and Java version; takes ~30 s.",
+    )
+    c.set_defaults(func=cmd_cds)
     return parser
 
 
@@ -181,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         session.parse_master(args.master or "local")
         # Validate input and output before starting a JVM: a typo costs no start-up.
         t = time.perf_counter()
-        listing = job.preflight(cfg, args.native_s3)
+        listing = job.preflight(cfg, args.native_s3, args.reader)
         listing_s = time.perf_counter() - t
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -191,11 +215,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"input: {cfg.input} ({len(listing):,} images, {labels} labels)", flush=True)
         else:
             print(f"input: {cfg.input} (listed by Spark)", flush=True)
+    tuned = args.profile == "tuned"
     spec = session.SparkSpec(
         master=args.master,
         driver_memory=args.driver_memory,
         conf=_spark_conf(args.conf),
         event_log=args.event_log,
+        java_options=tuple(args.java_option or ()),
+        # the seed profile runs on the JVM as it comes, as the original job did
+        fast_start=tuned,
+        cds=tuned and not args.no_cds,
     )
     with session.start(spec) as (spark, startup):
         ui = session.ui_url(spark)
@@ -206,12 +235,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             spark,
             profile=args.profile,
             native_s3=args.native_s3,
+            reader=args.reader,
             progress=None if args.quiet else _Progress(),
             startup_seconds=startup,
             listing=listing,
             listing_seconds=listing_s if listing is not None else 0.0,
         )
     _print_summary(summary, args, ui)
+    return 0
+
+
+def cmd_cds(args: argparse.Namespace) -> int:
+    from spark_parity import session
+
+    t = time.perf_counter()
+    existed = session.cds_archive_path().exists()
+    path = session.build_cds_archive()
+    size = path.stat().st_size / 2**20
+    what = "already there" if existed else f"built in {time.perf_counter() - t:.0f}s"
+    print(f"{path} ({size:,.0f} MiB, {what})")
     return 0
 
 

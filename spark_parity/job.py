@@ -7,40 +7,52 @@ and the same PCA model format, so only the manifest's ``"engine": "spark"`` tell
 which engine wrote a result. The per-image work is the same code as Dask's:
 :func:`fruitdask.pipeline.extract_partition` over :mod:`fruitdask.features`.
 
-Reading
-    A local folder is read by ``spark.read.format("binaryFile")`` (recursive,
-    a glob of the image extensions in any case); labels and splits come from the
-    paths. Anything else (S3 without a Hadoop S3 connector, packed inputs, other
-    fsspec URLs) is listed on the driver with :func:`fruitdask.io.list_images`
-    and the bytes are fetched inside the executors by :func:`fruitdask.io.iter_images`.
-    ``native_s3=True`` reads ``s3://`` with binaryFile too, for EMR, where EMRFS
-    is Hadoop's ``s3://`` file system.
+Reading (``reader``)
+    ``binaryfile``, the default for a local folder: ``spark.read.format("binaryFile")``,
+    recursive, with a glob of the image extensions in any case; labels and splits
+    come from the paths. Hadoop skips empty files and names starting with ``_``
+    or ``.``, which the fruitdask listing keeps: the job notices the difference
+    and extracts those files on the driver, so every listed file gets its row.
+    ``fsspec``, the default for anything else (S3 without a Hadoop S3 connector,
+    packed inputs, other fsspec URLs): the driver lists with
+    :func:`fruitdask.io.list_images`, partitions as the Dask job does, and the
+    executors fetch the bytes with :func:`fruitdask.io.iter_images`.
+    ``native_s3=True`` reads ``s3://`` with binaryFile, for EMR, where EMRFS is
+    Hadoop's ``s3://`` file system (there is no Hadoop S3 connector here).
 
 Writing
     Executors write their partition's Parquet files through :func:`fruitdask.io.write_table`
     (local or S3 alike; Spark's own writer would need s3a and would write other
     file names and Parquet types); the driver writes the model, the manifest and
-    ``_SUCCESS``.
+    ``_SUCCESS`` and then deletes what an overwritten run left.
 
 PCA
     ``pyspark.ml.feature.PCA`` on ``array_to_vector`` of the descriptors as
     floats. Spark's fit is exact (an eigendecomposition of the covariance, like
     ``fruitdask.pca.exact_pca``), but ``PCAModel.transform`` does **not** subtract
     the mean (sklearn and dask-ml do): its outputs differ from Dask's by a
-    constant per component. Both profiles therefore write *centred* features,
-    ``(x - mean) @ components.T``, which is what ``PcaModel.transform`` computes on
-    the saved model: ``tuned`` subtracts the mean in its projection, ``seed`` centres
-    the vectors with ``StandardScaler(withMean=True, withStd=False)`` before PCA.
+    constant per component (the projected mean, ~100s here). Both profiles
+    therefore write *centred* features, ``(x - mean) @ components.T``, which is
+    what ``PcaModel.transform`` computes on the saved model: ``tuned`` subtracts
+    the mean in its projection, ``seed`` centres the vectors with
+    ``StandardScaler(withMean=True, withStd=False)`` before the PCA. Components
+    get fruitdask's sign convention, so models compare axis by axis.
 
 Profiles
-    ``seed`` is the original EMR job's structure: a row-at-a-time Python UDF
-    returning the descriptors as nested arrays, ``posexplode``, a UDF to
-    ``VectorUDT``, Spark's default file packing (4 MB open cost: ~32 small images
-    a partition), Spark ML for centring, fit and transform. ``tuned`` is the best
-    Spark we know: partitions of ~``partition_size`` images in whole waves,
-    one ``mapInArrow`` per partition that decodes, runs ORB and writes its
-    ``images/`` and ``descriptors/`` files, descriptors cached as ``array<float>``
-    for the fit, and the projection + write in one more ``mapInArrow``.
+    ``seed`` is the original EMR job's structure: row-at-a-time Python UDFs
+    (labels from the path, ORB returning the descriptors as nested arrays),
+    ``posexplode``, a UDF to ``VectorUDT``, Spark's default file packing (4 MB
+    open cost: ~32 small images a partition), Spark ML for centring, fit and
+    transform, fitted on every descriptor.
+    ``tuned`` is the best Spark we know: partitions of about ``partition_size``
+    images in whole waves (file packing set from the listing), one
+    ``mapInArrow`` task per partition that decodes, runs ORB, writes its
+    ``images/`` and ``descriptors/`` files and caches its descriptors in two
+    forms (one opaque value for the write, a random sample as float rows for
+    the fit, see :func:`_cache_batches`), Spark ML's PCA on a sample of
+    ``pca_sample`` descriptors as the Dask job fits on, and the projection and
+    write in one more ``mapInArrow``. The CLI also starts its JVM for a short
+    job (see :class:`spark_parity.session.SparkSpec`).
 """
 
 from __future__ import annotations
@@ -94,9 +106,12 @@ from fruitdask.pipeline import (
 )
 from spark_parity.session import quiet_pandas_warning
 
-__all__ = ["PROFILES", "SparkJobError", "preflight", "run"]
+__all__ = ["PROFILES", "READERS", "SparkJobError", "preflight", "run"]
 
 PROFILES = ("tuned", "seed")
+#: How the input is read: Spark's binaryFile source (local folders; s3:// on EMR),
+#: or the driver's fruitdask listing with the bytes fetched in the executors.
+READERS = ("binaryfile", "fsspec")
 #: The Dask job's in-flight state folder; a Spark run deletes it when it publishes.
 STATE_DIR = "_fruitdask"
 #: Retries of a partition whose store failed as a whole (cf. fruitdask.pipeline.RETRY_WAITS);
@@ -120,7 +135,7 @@ class SparkJobError(Exception):
 
 @dataclass
 class _Source:
-    reader: str  # "binaryFile" or "driver"
+    reader: str  # see READERS
     n_images: int  # what Spark lists (binaryFile) or the driver's listing
     files: Any = None  # binaryFile DataFrame
     root_uri: str | None = None
@@ -522,15 +537,22 @@ def _is_local(url: str) -> bool:
     return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
-def _choose_reader(cfg: RunConfig, native_s3: bool) -> str:
+def _choose_reader(cfg: RunConfig, native_s3: bool, reader: str | None = None) -> str:
     protocol = fsspec.utils.get_protocol(cfg.input)
+    if reader is not None and reader not in READERS:
+        raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     if native_s3:
         if protocol not in ("s3", "s3a", "s3n"):
             raise ValueError(f"--native-s3 applies to s3:// inputs, not {cfg.input}")
-        return "binaryFile"
-    if _is_local(cfg.input) and not io.exists(io.join(cfg.input, io.PACK_INDEX)):
-        return __import__("os").environ.get("SPX_READER", "binaryFile")
-    return "driver"
+        return "binaryfile"
+    packed = io.exists(io.join(cfg.input, io.PACK_INDEX), cfg.storage_options)
+    if reader == "binaryfile" and (not _is_local(cfg.input) or packed):
+        raise ValueError(
+            "the binaryfile reader reads local folders of images (and s3:// with --native-s3)"
+        )
+    if reader is not None:
+        return reader
+    return "binaryfile" if _is_local(cfg.input) and not packed else "fsspec"
 
 
 def _qualified(spark, uri: str) -> str:
@@ -550,14 +572,14 @@ def _open_source(
     tuned: bool = True,
 ) -> _Source:
     """List the input: a binaryFile relation (listed by Spark), or the driver's listing."""
-    if reader == "driver":
+    if reader == "fsspec":
         if listing is None:
             listing = io.list_images(cfg.input, cfg.storage_options)
         if "row_group" in listing.columns:
             ranges = plan_packed_partitions(listing, cfg.partition_size)
         else:
             ranges = plan_partitions(len(listing), cfg.partition_size, cores)
-        return _Source("driver", len(listing), listing=listing, ranges=ranges)
+        return _Source("fsspec", len(listing), listing=listing, ranges=ranges)
     if _is_local(cfg.input):
         # Also the reference the scan is checked against (see _unscanned): 0.1 s
         # for 20,000 local files.
@@ -587,7 +609,7 @@ def _open_source(
         raise io.StorageError(
             f"{cfg.input}: no image files found (looked for {', '.join(io.IMAGE_EXTENSIONS)})"
         )
-    return _Source("binaryFile", n, files=files, root_uri=root_uri, listing=listing)
+    return _Source("binaryfile", n, files=files, root_uri=root_uri, listing=listing)
 
 
 def _packing_conf(files, n: int, partition_size: int, cores: int) -> dict[str, str]:
@@ -638,7 +660,9 @@ def _check_output(cfg: RunConfig) -> set[str]:
     return entries
 
 
-def preflight(cfg: RunConfig, native_s3: bool = False) -> pd.DataFrame | None:
+def preflight(
+    cfg: RunConfig, native_s3: bool = False, reader: str | None = None
+) -> pd.DataFrame | None:
     """Check the input and the output before Spark starts (a typo costs no JVM start-up).
 
     Returns
@@ -650,7 +674,7 @@ def preflight(cfg: RunConfig, native_s3: bool = False) -> pd.DataFrame | None:
     ------
     fruitdask.io.StorageError, OutputExistsError, ValueError
     """
-    _choose_reader(cfg, native_s3)
+    _choose_reader(cfg, native_s3, reader)
     listing = None if native_s3 else io.list_images(cfg.input, cfg.storage_options)
     _check_output(cfg)
     return listing
@@ -745,7 +769,7 @@ def _run_tuned(spark, cfg, source, run_id, cores, timings, progress) -> dict[str
     # descriptors/ files and hands Spark's cache its descriptors (see _cache_batches).
     t = time.perf_counter()
     bc = None
-    if source.reader == "binaryFile":
+    if source.reader == "binaryfile":
         conf = _packing_conf(source.files, source.n_images, cfg.partition_size, cores)
         conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = str(_IMAGE_BATCH)
         body = _tuned_extract_binary(cfg, run_id, source.root_uri, source.n_images)
@@ -783,7 +807,7 @@ def _run_tuned(spark, cfg, source, run_id, cores, timings, progress) -> dict[str
     rank_ok = (F.col("rank") >= 0) & (
         F.col("rank") < F.element_at(F.array(*[F.lit(q) for q in quotas]), F.col("part") + 1)
     )
-    vec = cached.filter(rank_ok).select(array_to_vector(F.col("x")).alias("v"))
+    vec = cached.filter(rank_ok).select(array_to_vector(F.col("x")).alias("v")).coalesce(cores)
     with _Watch(spark, "pca_fit", None):
         spark_model = PCA(k=cfg.n_components, inputCol="v").fit(vec)
     n_fit = sum(quotas)
@@ -830,7 +854,7 @@ def _run_seed(spark, cfg, source, run_id, timings, progress) -> dict[str, Any]:
 
     # 1. extraction: row-at-a-time Python UDFs, default partitioning.
     t = time.perf_counter()
-    if source.reader == "binaryFile":
+    if source.reader == "binaryfile":
         root = source.root_uri
         keys = udf(lambda p: _seed_keys(p, root), "struct<path:string,label:string,split:string>")
         bytes_df = source.files.select(
@@ -1039,6 +1063,7 @@ def run(
     spark,
     profile: str = "tuned",
     native_s3: bool = False,
+    reader: str | None = None,
     progress: Callable[[str, int, int, int], None] | None = None,
     startup_seconds: float = 0.0,
     listing: pd.DataFrame | None = None,
@@ -1058,6 +1083,9 @@ def run(
     native_s3 : bool
         Read ``s3://`` input with Spark's binaryFile source (EMRFS on EMR)
         instead of listing on the driver and fetching through fsspec.
+    reader : {"binaryfile", "fsspec"}, optional
+        How to read the input (see :data:`READERS`); by default binaryfile for
+        a local folder of images, fsspec for anything else.
     progress : callable, optional
         ``progress(stage, done_tasks, total_tasks, items)``, called from a
         polling thread during a stage and once at its end.
@@ -1087,7 +1115,7 @@ def run(
     sc = spark.sparkContext
     cores = int(sc.defaultParallelism)
     timings: dict[str, float] = {"startup": round(startup_seconds, 3)}
-    reader = _choose_reader(cfg, native_s3)
+    reader = _choose_reader(cfg, native_s3, reader)
     t = time.perf_counter()
     try:
         source = _open_source(spark, cfg, reader, cores, listing, profile == "tuned")
@@ -1112,7 +1140,7 @@ def run(
 
     counts, model, n_parts = res["counts"], res["model"], res["parts"]
     expected = len(source.listing) if source.listing is not None else source.n_images
-    if source.reader == "binaryFile" and counts["images"] < expected:
+    if source.reader == "binaryfile" and counts["images"] < expected:
         t = time.perf_counter()
         rows = _unscanned(cfg, source, run_id, n_parts)
         if len(rows):
