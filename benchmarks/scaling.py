@@ -73,7 +73,7 @@ def run_once(data: Path, out: Path, cores: int | None) -> dict:
     return {
         "images": m["counts"]["images"],
         "workers": m["cluster"].get("workers"),
-        "threads": m["cluster"].get("threads"),
+        "threads": m["cluster"].get("threads"),  # in all
         "wall_s": round(wall, 2),
         "images_per_s_end_to_end": round(m["counts"]["images"] / wall, 1),
         "images_per_s_excl_startup": m["throughput"]["images_per_s"],
@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--workers-at", type=int, default=20000)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--render", action="store_true", help="only redraw OUT/scaling.json")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        saved = json.loads((out / "scaling.json").read_text())
+        return render(saved["sizes"], saved["workers"], out, args.workers_at)
 
     from fruitdask import sample
 
@@ -111,17 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         by_workers.append(r)
         print(f"workers {w}: {r}", flush=True)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps({"sizes": rows, "workers": by_workers}, indent=1))
+    return render(rows, by_workers, out, args.workers_at)
+
+
+def render(rows: list[dict], by_workers: list[dict], out: Path, workers_at: int) -> int:
     lines = [
-        "| images | workers x threads | wall s (all) | images/s (all) "
+        "| images | workers (threads in all) | wall s (all) | images/s (all) "
         "| images/s (excl. start-up) | peak RSS, process tree |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows + by_workers:
         lines.append(
-            f"| {r['images']:,} | {r['workers']} x {r['threads']} | {r['wall_s']:.1f} | "
+            f"| {r['images']:,} | {r['workers']} ({r['threads']}) | {r['wall_s']:.1f} | "
             f"{r['images_per_s_end_to_end']:,.0f} | {r['images_per_s_excl_startup']:,.0f} | "
             f"{r['peak_rss_gib']:.2f} GiB |"
         )
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
            label="whole command")  # fmt: skip
     a.set_xlabel("images")
     a.set_ylabel("images/s")
-    lay = f"{rows[0]['workers']} worker(s) x {rows[0]['threads']} threads"
+    lay = f"{rows[0]['workers']} worker(s), {rows[0]['threads']} threads"
     a.set_title(f"throughput vs data set size ({lay})")
     a.legend()
     a.set_ylim(bottom=0)
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
           [r["images_per_s_excl_startup"] for r in by_workers])  # fmt: skip
     b.set_xlabel("workers (1 thread each)")
     b.set_ylabel("images/s (excl. start-up)")
-    b.set_title(f"throughput vs workers ({args.workers_at:,} images)")
+    b.set_title(f"throughput vs workers ({workers_at:,} images)")
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
     print(f"wrote {out / 'scaling.png'}")
