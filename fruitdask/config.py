@@ -16,7 +16,7 @@ import yaml
 
 from fruitdask.features import OrbParams
 
-__all__ = ["RunConfig", "config_get", "redact"]
+__all__ = ["RunConfig", "as_number", "config_get", "redact"]
 
 _YAML = os.path.join(os.path.dirname(__file__), "fruitdask.yaml")
 with open(_YAML) as _f:
@@ -97,7 +97,12 @@ class RunConfig:
             "fast_threshold": "orb.fast-threshold",
             "max_pixels": "orb.max-pixels",
         }
-        orb = OrbParams(**{k: config_get(v, kwargs.pop(k, None)) for k, v in orb_kw.items()})
+        orb = OrbParams(
+            **{
+                k: as_number(config_get(v, kwargs.pop(k, None)), _ORB_TYPES.get(k, int), v)
+                for k, v in orb_kw.items()
+            }
+        )
         simple = {
             "output": "output",
             "partition_size": "partition-size",
@@ -110,6 +115,8 @@ class RunConfig:
         }
         for k, v in simple.items():
             kwargs[k] = config_get(v, kwargs.get(k))
+        for k in _INTS & set(kwargs):
+            kwargs[k] = as_number(kwargs[k], int, simple.get(k, k).replace("_", "-"))
         names = {f.name for f in fields(cls)}
         unknown = set(kwargs) - names
         if unknown:
@@ -130,7 +137,30 @@ class RunConfig:
         return d
 
 
-_SECRET = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.IGNORECASE)
+_INTS = {"partition_size", "n_components", "pca_batch_size", "pca_sample"}
+_ORB_TYPES: dict[str, type] = {"scale_factor": float}
+
+
+def as_number(value: Any, kind: type, name: str) -> Any:
+    """``value`` as ``kind`` (None passes); a setting of the wrong type is a ValueError
+    naming it (a YAML file or a DASK_FRUITDASK__* variable can hold any text)."""
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+
+
+# Key names that hold credentials in the fsspec backends' options (s3fs, gcsfs,
+# adlfs, http headers, sftp): matched anywhere in the name, at any depth.
+_SECRET = re.compile(
+    r"(secret|token|pass|credential|session|key|auth|connection|cookie|signature|sas)",
+    re.IGNORECASE,
+)
 _NOT_SECRET = {
     "anon",
     "endpoint_url",
