@@ -344,6 +344,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.input is None:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args)
+    if args.report:
+        from fruitdask.io import StorageError, check_local_folder
+
+        try:
+            check_local_folder(os.path.dirname(os.path.abspath(args.report)))
+        except StorageError as exc:
+            raise UsageError(f"--report {args.report}: {exc}") from None
     # Validate the input before starting a cluster: a bad URL costs no start-up.
     t = time.perf_counter()
     listing = pipeline.list_input(cfg)

@@ -7,13 +7,16 @@ function that needs them.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fruitdask.config import config_get
+from fruitdask.config import as_number, config_get
 
 __all__ = ["ClusterError", "ClusterSpec", "connect", "dashboard_link", "local_layout"]
 
@@ -89,6 +92,60 @@ def local_layout(
     return int(workers), int(threads)
 
 
+def _count(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = as_number(value, int, what)
+    except ValueError:
+        raise ClusterError(f"{what}: expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ClusterError(f"{what}: expected a positive integer, got {value!r}")
+    return n
+
+
+def _memory_limit(value: Any) -> Any:
+    """Dask's forms: "auto", a size ("4GiB"), bytes, or a fraction of the machine's memory."""
+    if value is None or value == "auto" or isinstance(value, int | float):
+        return value
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(str(value))
+    except (TypeError, ValueError):
+        raise ClusterError(
+            f"memory limit: expected 'auto' or a size like 4GiB, got {value!r}"
+        ) from None
+    return value
+
+
+def _check_address(value: Any, what: str, port: bool) -> None:
+    """A host (``port=False``) or ``[host]:port`` that a local cluster can bind."""
+    if value is None or value == "":
+        return
+    text = str(value)
+    host = text
+    if port:
+        host, sep, p = text.rpartition(":")
+        if not sep:
+            host, p = "", text
+        if not p.isdigit() or int(p) > 65535:
+            raise ClusterError(f"{what}: expected [host]:port, like 127.0.0.1:8787, got {text!r}")
+    if not host:
+        return
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ClusterError(f"{what}: not an IP address: {host!r}")
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        raise ClusterError(f"{what}: cannot resolve {host!r}") from None
+
+
 # Imported once per worker at start-up, so the first partition of every worker
 # does not pay ~0.5 s of imports inside the timed extraction.
 _WARM_MODULES = ("cv2", "pyarrow.parquet", "fruitdask.pipeline")
@@ -121,9 +178,14 @@ def connect(spec: ClusterSpec, timeout: float | None = None) -> Iterator[tuple[A
         from distributed import LocalCluster
 
         n_workers, threads = local_layout(
-            config_get("cluster.workers", spec.workers),
-            config_get("cluster.threads-per-worker", spec.threads_per_worker),
+            _count(config_get("cluster.workers", spec.workers), "workers"),
+            _count(config_get("cluster.threads-per-worker", spec.threads_per_worker), "threads"),
         )
+        memory_limit = _memory_limit(config_get("cluster.memory-limit", spec.memory_limit))
+        host = config_get("cluster.host", spec.host)
+        dashboard = config_get("cluster.dashboard-address", spec.dashboard_address)
+        _check_address(host, "host", port=False)
+        _check_address(dashboard, "dashboard address", port=True)
         settings = {
             "distributed.nanny.pre-spawn-environ": _SINGLE_THREAD_ENV,
             # One task per thread at a time, the rest queued on the scheduler: with
@@ -136,9 +198,9 @@ def connect(spec: ClusterSpec, timeout: float | None = None) -> Iterator[tuple[A
                 n_workers=n_workers,
                 threads_per_worker=threads,
                 processes=True,
-                memory_limit=config_get("cluster.memory-limit", spec.memory_limit),
-                host=config_get("cluster.host", spec.host),
-                dashboard_address=config_get("cluster.dashboard-address", spec.dashboard_address),
+                memory_limit=memory_limit,
+                host=host,
+                dashboard_address=dashboard,
                 silence_logs=40,
             )
         try:

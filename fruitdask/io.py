@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -101,7 +102,9 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     ck.setdefault("max_pool_connections", 64)
     ck.setdefault("connect_timeout", 5)
     ck.setdefault("read_timeout", 30)
-    ck.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+    # 3 attempts with standard backoff (~1.5 s): outages longer than that are the
+    # task retries' job (fruitdask.pipeline.RETRY_WAITS)
+    ck.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
     opts["config_kwargs"] = ck
     return opts
 
@@ -120,6 +123,11 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as exc:
         raise StorageError(f"cannot open {url}: {_one_line(exc)}") from None
+    if protocol in ("s3", "s3a") and os.environ.get("FRUITDASK_S3_CLIENT") != "s3fs-plain":
+        # One layer of retries per request, botocore's (see _s3_defaults): s3fs's
+        # own 5 around it, and fruitdask's task retries around those, multiplied
+        # into ~3 minutes before an unreachable endpoint was reported.
+        fs.retries = 1
     return fs, _strip(path)
 
 
@@ -346,7 +354,7 @@ def _arrow_s3(root: str, options: dict[str, Any]):
     kw: dict[str, Any] = {
         "connect_timeout": 5,
         "request_timeout": 30,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
     }
     if endpoint:
         scheme, _, host = str(endpoint).partition("://")
@@ -696,17 +704,34 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     fs, path = filesystem(url, storage_options)
     try:
         if _is_local(fs):
-            parent = path
-            while parent and not os.path.exists(parent):
-                parent = os.path.dirname(parent)
-            if not os.access(parent or ".", os.W_OK):
-                raise PermissionError(parent)
+            check_local_folder(path)
         else:
             bucket = path.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise FileNotFoundError(f"NoSuchBucket {bucket}")
+            try:
+                # not fs.exists(): s3fs answers False for a bucket it may not read
+                fs.ls(bucket, detail=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"NoSuchBucket {bucket}") from None
     except Exception as exc:  # noqa: BLE001
         raise translate(exc, url, "write") from None
+
+
+def check_local_folder(path: str) -> None:
+    """Raise StorageError unless a folder could be created at (or exists as) ``path``.
+
+    The nearest existing ancestor must be a folder in which this process can
+    create entries: a probe folder is made there and removed (permission bits
+    say nothing for root, nor for file systems like /proc)."""
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        raise StorageError(f"{path}: cannot write here ({parent} is a file, not a folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fruitdask-write-check-", dir=parent))
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write in {parent} ({_one_line(exc)})") from None
 
 
 def _is_local(fs) -> bool:

@@ -248,20 +248,24 @@ def _sample_rows(desc: np.ndarray, index: int, cap: int) -> np.ndarray:
 RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)
 
 
-def _retrying(fn: Callable[..., Any]) -> Callable[..., Any]:
+# The client's listing comes first: a store that does not answer then is more
+# often a wrong endpoint than an outage, and the user waits for the verdict.
+LISTING_RETRY_WAITS = (1.0, 2.0)
+
+
+def _retrying(fn: Callable[..., Any], waits: tuple[float, ...] = RETRY_WAITS) -> Callable[..., Any]:
     """Re-run an idempotent task body on transient storage errors, with backoff."""
 
     @functools.wraps(fn)  # keeps the name, so the task pickles by reference
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for wait in (*RETRY_WAITS, None):
+        for wait in (*waits, None):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if wait is None or not io.is_transient(exc):
                     if io.is_transient(exc) and not isinstance(exc, io.StorageError):
                         raise io.TransientStorageError(
-                            f"storage unavailable after {len(RETRY_WAITS)} retries: "
-                            f"{io._one_line(exc)}"
+                            f"storage unavailable after {len(waits)} retries: {io._one_line(exc)}"
                         ) from None
                     raise
                 time.sleep(wait)
@@ -272,7 +276,7 @@ def _retrying(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def list_input(cfg: RunConfig) -> pd.DataFrame:
     """The input's listing, retried with backoff while the store is unavailable."""
-    return _retrying(io.list_images)(cfg.input, cfg.storage_options)
+    return _retrying(io.list_images, LISTING_RETRY_WAITS)(cfg.input, cfg.storage_options)
 
 
 @_retrying
