@@ -100,7 +100,7 @@ _EMPTY = np.zeros((0, DESCRIPTOR_BYTES), dtype=np.uint8)
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """Declared (width, height) from a PNG, JPEG, GIF, BMP or WebP header.
+    """Declared (width, height) from a PNG, JPEG, GIF, BMP, TIFF or WebP header.
 
     Returns None for formats it does not know; only the header is parsed.
     """
@@ -115,6 +115,8 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return abs(int(w)), abs(int(h))
     if data[:2] == b"\xff\xd8":
         return _jpeg_size(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
         chunk = data[12:16]
         if chunk == b"VP8X":
@@ -130,6 +132,52 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             h = 1 + (((b[3] & 0xF) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6))
             return w, h
     return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth and ImageLength of a TIFF's first directory."""
+    end = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        return None
+    (ifd,) = struct.unpack(end + "I", data[4:8])
+    if ifd + 2 > len(data):
+        return None
+    (n,) = struct.unpack(end + "H", data[ifd : ifd + 2])
+    dims: dict[int, int] = {}
+    for k in range(n):
+        e = ifd + 2 + 12 * k
+        if e + 12 > len(data):
+            break
+        tag, typ = struct.unpack(end + "HH", data[e : e + 4])
+        if tag in (256, 257):
+            fmt = "H" if typ == 3 else "I"
+            (dims[tag],) = struct.unpack(end + fmt, data[e + 8 : e + 8 + struct.calcsize(fmt)])
+    if 256 in dims and 257 in dims:
+        return dims[256], dims[257]
+    return None
+
+
+def _png_chunks_fit(data: bytes) -> str | None:
+    """Why a PNG's chunk list cannot be right (a chunk longer than the file), or None.
+
+    A decoder allocates what a chunk declares before reading it: a few-kilobyte
+    file claiming a 2 GB chunk cost 1.6 GB of memory before OpenCV gave up.
+    """
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        if length > n - i - 12:
+            return f"corrupt PNG: a chunk declares {length} bytes, {n - i - 12} remain"
+        if data[i + 4 : i + 8] == b"IEND":
+            return None
+        i += 12 + length
+    return None
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file worth reading for a ``max_pixels`` image (uncompressed
+    32-bit BMP, plus headers); anything bigger is refused unread."""
+    return 4 * int(max_pixels) + 2**20
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -182,6 +230,10 @@ def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         raise ValueError(
             f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels"
         )
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        problem = _png_chunks_fit(data)
+        if problem:
+            raise ValueError(problem)
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_GRAYSCALE converts colour, RGBA, palette and 16-bit input to 8-bit
     # gray inside the codec, which is cheaper than decoding colour then cvtColor.

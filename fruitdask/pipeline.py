@@ -31,7 +31,7 @@ import platform
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +279,24 @@ def list_input(cfg: RunConfig) -> pd.DataFrame:
     return _retrying(io.list_images, LISTING_RETRY_WAITS)(cfg.input, cfg.storage_options)
 
 
+def _read_guarded(cfg: RunConfig, rows: pd.DataFrame) -> Iterator[bytes | Exception]:
+    """The partition's bytes, except files too large to be an image within
+    ``max_pixels``: those are refused unread (reading a 2 GB file named .jpg
+    took the worker over its memory limit, and its retries every other worker)."""
+    limit = features.max_file_bytes(cfg.orb.max_pixels)
+    sizes = pd.to_numeric(rows["size"], errors="coerce").fillna(0).to_numpy()
+    big = sizes > limit
+    if not big.any():
+        yield from io.iter_images(cfg.input, rows, cfg.storage_options)
+        return
+    rest = io.iter_images(cfg.input, rows[~big], cfg.storage_options)
+    for too_big, size in zip(big, sizes, strict=True):
+        if too_big:
+            yield ValueError(f"file too large: {int(size):,} bytes (over {limit:,})")
+        else:
+            yield next(rest)
+
+
 @_retrying
 def _extract_task(
     index: int,
@@ -291,7 +309,7 @@ def _extract_task(
 
     Idempotent: file names depend only on the run and the partition, so a retry
     (or a recomputation after a lost worker) overwrites the same objects."""
-    data = io.iter_images(cfg.input, rows, cfg.storage_options)
+    data = _read_guarded(cfg, rows)
     images, desc, counts = extract_partition(rows, data, cfg.orb)
     name = _part_name(index, run_id)
     so = cfg.out_storage_options
