@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -153,13 +154,20 @@ _WARM_MODULES = ("cv2", "pyarrow.parquet", "fruitdask.pipeline")
 
 def _import_modules(names: tuple[str, ...]) -> None:
     import importlib
+    import signal
+    import threading
 
     for name in names:
         importlib.import_module(name)
+    # Ctrl-C in a terminal signals the whole process group: the client closes the
+    # cluster; a worker that also took the SIGINT would print a traceback on the way.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def warm_up(client) -> None:
-    """Import the job's modules on every worker (part of start-up, not of the job)."""
+    """Import the job's modules on every worker (part of start-up, not of the job);
+    local workers leave SIGINT to the client."""
     client.run(_import_modules, _WARM_MODULES)
 
 
@@ -206,7 +214,14 @@ def connect(spec: ClusterSpec, timeout: float | None = None) -> Iterator[tuple[A
         try:
             with Client(cluster) as client:
                 warm_up(client)
-                yield client, time.perf_counter() - t0
+                try:
+                    yield client, time.perf_counter() - t0
+                except BaseException:
+                    # Leaving mid-run (Ctrl-C, SIGTERM, an error): the in-process
+                    # scheduler logs CRITICAL tracebacks about the client's closed
+                    # comm while it winds down; the CLI says what happened in one line.
+                    logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
+                    raise
         finally:
             cluster.close()
     elif spec.kind == "ec2":
