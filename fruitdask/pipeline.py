@@ -245,7 +245,7 @@ def _sample_rows(desc: np.ndarray, index: int, cap: int) -> np.ndarray:
 
 #: Waits between attempts of a task when the store fails as a whole (a few
 #: seconds of outage are ridden out; longer ones fail the run with one line).
-RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)
+RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 # The client's listing comes first: a store that does not answer then is more
@@ -619,6 +619,10 @@ def run(
         summary = RunSummary(output=cfg.output, run_id="", already_complete=True)
         return summary
     run_id = state["run_id"]
+    # Task keys name this invocation, not only the run: a --resume in the same
+    # client after a failure must not meet the failed attempt's cancelled keys.
+    # (Files are named by run_id alone, so a resume still reuses finished parts.)
+    tk = f"{run_id}-{uuid.uuid4().hex[:6]}"
     ranges = [tuple(r) for r in state["partitions"]]
     so = cfg.out_storage_options
     done = set()
@@ -647,10 +651,10 @@ def run(
     for i, rows in enumerate(chunks):
         fn = _resume_or_extract if i in done else _extract_task
         parts.append(
-            client.submit(fn, i, rows, cfg, run_id, caps[i], key=f"extract-{run_id}-{i:05d}")
+            client.submit(fn, i, rows, cfg, run_id, caps[i], key=f"extract-{tk}-{i:05d}")
         )
     infos = [
-        client.submit(_get, p, "summary", key=f"summary-{run_id}-{i:05d}")
+        client.submit(_get, p, "summary", key=f"summary-{tk}-{i:05d}")
         for i, p in enumerate(parts)
     ]
     summaries: list[dict[str, Any] | None] = [None] * len(parts)
@@ -700,7 +704,7 @@ def run(
                 min(caps[i], round(want * n / summary.descriptors)) for i, n in enumerate(sizes)
             ]
             heads = [
-                client.submit(_head, p, "sample", q, key=f"sample-{run_id}-{i:05d}")
+                client.submit(_head, p, "sample", q, key=f"sample-{tk}-{i:05d}")
                 for i, (p, q) in enumerate(zip(parts, quotas, strict=True))
                 if q > 0
             ]
@@ -714,7 +718,7 @@ def run(
 
             blocks = [
                 da.from_delayed(
-                    client.submit(_get, p, "desc", key=f"desc-{run_id}-{i:05d}"),
+                    client.submit(_get, p, "desc", key=f"desc-{tk}-{i:05d}"),
                     shape=(n, features.DESCRIPTOR_BYTES),
                     dtype=np.uint8,
                 )
@@ -742,7 +746,7 @@ def run(
         model_f = client.scatter(model, broadcast=False)
         writes = [
             client.submit(
-                _features_task, i, rows, p, model_f, cfg, run_id, key=f"features-{run_id}-{i:05d}"
+                _features_task, i, rows, p, model_f, cfg, run_id, key=f"features-{tk}-{i:05d}"
             )
             for i, (rows, p) in enumerate(zip(chunks, parts, strict=True))
         ]
