@@ -650,12 +650,9 @@ def run(
     parts = []
     for i, rows in enumerate(chunks):
         fn = _resume_or_extract if i in done else _extract_task
-        parts.append(
-            client.submit(fn, i, rows, cfg, run_id, caps[i], key=f"extract-{tk}-{i:05d}")
-        )
+        parts.append(client.submit(fn, i, rows, cfg, run_id, caps[i], key=f"extract-{tk}-{i:05d}"))
     infos = [
-        client.submit(_get, p, "summary", key=f"summary-{tk}-{i:05d}")
-        for i, p in enumerate(parts)
+        client.submit(_get, p, "summary", key=f"summary-{tk}-{i:05d}") for i, p in enumerate(parts)
     ]
     summaries: list[dict[str, Any] | None] = [None] * len(parts)
     index_of = {f.key: i for i, f in enumerate(infos)}
