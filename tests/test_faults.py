@@ -433,59 +433,6 @@ def _check_resumed(out: Path, summary: dict, finished: dict[str, tuple[int, int]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "sig, to_group, code",
-    [
-        (signal.SIGINT, True, 130),  # Ctrl-C at a terminal: the whole process group
-        (signal.SIGTERM, False, 143),  # `kill PID`, a batch system's time limit
-    ],
-    ids=["SIGINT-group", "SIGTERM-pid"],
-)
-def test_signal_mid_run_then_resume(
-    sig, to_group, code, medium, clean_medium, dask_client, tmp_path
-):
-    out = tmp_path / "out"
-    tag = uuid.uuid4().hex
-    args = ["-i", str(medium), "-o", str(out), "--workers", "2", "--partition-size", "10"]
-    proc = _start_cli([*args, "--quiet"], tag)
-    try:
-        markers = _wait_mid_run(proc, out)
-        finished = _finished_parts(out, markers)
-        assert len(_tagged(tag)) >= 3  # the client, nannies and workers are processes
-        t0 = time.monotonic()
-        if to_group:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running 30 s after {sig.name}")
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == code, err[-3000:]
-    assert elapsed < 30
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert lines and "no _SUCCESS written" in lines[-1], err[-3000:]
-    assert not (out / "_SUCCESS").exists()
-    assert not (out / "manifest.json").exists()
-    assert read_complete(str(out)) is None
-    assert_parquet_files_whole(out)
-    assert _orphans_after(tag) == []
-
-    summary = _resume_here(medium, out, dask_client)
-    _check_resumed(out, summary, finished, len(markers))
-    assert signature(str(out)) == clean_medium
-    assert_only_the_published_run(str(out))
-    # last, as the least grave: the interruption is reported in one line, not
-    # with a traceback from every worker process
-    assert "Traceback" not in err, err[-3000:]
-
-
-@pytest.mark.slow
 def test_sigkill_whole_run_then_resume(medium, clean_medium, dask_client, tmp_path):
     """The harshest interruption: the client, scheduler and workers all SIGKILLed
     (OOM killer, lost machine). No cleanup runs at all; --resume still finishes,
