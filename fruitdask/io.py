@@ -117,13 +117,14 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """
     options = dict(storage_options or {})
     protocol = fsspec.utils.get_protocol(url)
-    if protocol in ("s3", "s3a") and os.environ.get("FRUITDASK_S3_CLIENT") != "s3fs-plain":
+    tuned_s3 = protocol in ("s3", "s3a") and os.environ.get("FRUITDASK_S3_CLIENT") != "s3fs-plain"
+    if tuned_s3:
         options = _s3_defaults(options)
     try:
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as exc:
         raise StorageError(f"cannot open {url}: {_one_line(exc)}") from None
-    if protocol in ("s3", "s3a") and os.environ.get("FRUITDASK_S3_CLIENT") != "s3fs-plain":
+    if tuned_s3:
         # One layer of retries per request, botocore's (see _s3_defaults): s3fs's
         # own 5 around it, and fruitdask's task retries around those, multiplied
         # into ~3 minutes before an unreachable endpoint was reported.

@@ -283,14 +283,7 @@ def test_loopback_by_default_and_paths_are_data(sample_dir, tmp_path):
     out = work / "out dir {0} %s"
     proc = _start(["-i", str(src), "-o", str(out), "--workers", "2", "--partition-size", "4",
                    "--report", "report.html"], work, _env(scratch, tag))  # fmt: skip
-    try:
-        addresses, link = _listen_while_running(proc, tag)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
+    addresses, link = _listen_then_finish(proc, tag)
     assert addresses and addresses <= {"127.0.0.1", "::1"}, addresses
     assert link.startswith("http://127.0.0.1:"), link
 
@@ -310,18 +303,24 @@ def test_loopback_by_default_and_paths_are_data(sample_dir, tmp_path):
     assert not [p for p in before if p not in after]  # nothing deleted (the input is intact)
 
 
-@pytest.mark.slow
-def test_wider_binding_is_an_explicit_option(sample_dir, tmp_path):
-    tag = uuid.uuid4().hex
-    proc = _start(["-i", str(sample_dir), "-o", str(tmp_path / "out"), "--workers", "1",
-                   "--partition-size", "2", "--host", "0.0.0.0", "--dashboard-address",
-                   "0.0.0.0:0"], tmp_path, _env(tmp_path, tag))  # fmt: skip
+def _listen_then_finish(proc, tag: str):
+    """What the run listens on while it works, then its successful exit."""
     try:
-        addresses, _ = _listen_while_running(proc, tag)
+        found = _listen_while_running(proc, tag)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
+    return found
+
+
+@pytest.mark.slow
+def test_wider_binding_is_an_explicit_option(sample_dir, tmp_path):
+    tag = uuid.uuid4().hex
+    proc = _start(["-i", str(sample_dir), "-o", str(tmp_path / "out"), "--workers", "1",
+                   "--partition-size", "2", "--host", "0.0.0.0", "--dashboard-address",
+                   "0.0.0.0:0"], tmp_path, _env(tmp_path, tag))  # fmt: skip
+    addresses, _ = _listen_then_finish(proc, tag)
     assert "0.0.0.0" in addresses, addresses
