@@ -30,6 +30,7 @@ __all__ = [
     "StorageError",
     "filesystem",
     "join",
+    "label_split",
     "list_images",
     "read_bytes",
     "read_table",
@@ -176,7 +177,9 @@ def translate(exc: BaseException, url: str, action: str = "read") -> StorageErro
     return StorageError(f"cannot {action} {url}: {_one_line(exc)}")
 
 
-def _label_split(rel: str) -> tuple[str, str | None]:
+def label_split(rel: str) -> tuple[str, str | None]:
+    """(label, split) of a relative image path: the parent folder's name, and the
+    ``Training``/``Test`` ancestor (any case) or None."""
     parts = rel.split("/")
     label = parts[-2] if len(parts) >= 2 else ""
     split = None
@@ -282,7 +285,7 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> pd.D
     paths, sources, labels, splits, sizes = [], [], [], [], []
     for rel, size in found:
         shown = _displayable(rel)
-        label, split = _label_split(shown)
+        label, split = label_split(shown)
         paths.append(shown)
         sources.append(rel)
         labels.append(label)

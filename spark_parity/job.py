@@ -167,7 +167,7 @@ def _relative(uri: str, root: str) -> str:
 
 def _label_split(rel: str) -> tuple[str, str | None]:
     # The Dask listing's rule (parent folder = label, Training/Test ancestor = split).
-    return io._label_split(rel)
+    return io.label_split(rel)
 
 
 def _empty(schema: pa.Schema) -> pa.Table:
