@@ -1,7 +1,7 @@
-"""Get a Dask Client: a local cluster, an existing scheduler, or EC2.
+"""Get a Dask Client: a local cluster or an existing scheduler.
 
-Optional heavy dependencies (dask-cloudprovider) are imported inside the
-function that needs them.
+Every option of a local cluster is checked (:func:`check_local`) before
+anything starts, so a bad one is one line, not a traceback from distributed.
 """
 
 from __future__ import annotations
@@ -13,46 +13,27 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from fruitdask.config import as_number, config_get
+from fruitdask.cancel import StopToken
+from fruitdask.config import ClusterSpec
+from fruitdask.errors import ClusterError, InputError
 
-__all__ = ["ClusterError", "ClusterSpec", "connect", "dashboard_link", "local_layout"]
-
-
-class ClusterError(Exception):
-    """The cluster could not be started or reached (one-line message)."""
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """Which cluster to use.
-
-    ``kind`` is ``"local"``, a scheduler address (``tcp://host:port``,
-    ``tls://...``) or ``"ec2"``.
-    """
-
-    kind: str = "local"
-    workers: int | None = None
-    threads_per_worker: int | None = None
-    memory_limit: str | None = None
-    host: str | None = None
-    dashboard_address: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise ValueError(f"threads per worker must be >= 1, got {self.threads_per_worker}")
-        known = self.kind in ("local", "ec2") or "://" in self.kind
-        if not known:
-            raise ValueError(
-                f"cluster must be 'local', 'ec2' or a scheduler address like tcp://host:8786, "
-                f"got {self.kind!r}"
-            )
+__all__ = [
+    "MIN_WORKER_MEMORY",
+    "check_address",
+    "check_local",
+    "check_memory_limit",
+    "connect",
+    "dashboard_link",
+    "exposure",
+    "gather_as_completed",
+    "local_layout",
+    "n_threads",
+    "warm_up",
+]
 
 
 def dashboard_link(client) -> str | None:
@@ -93,37 +74,43 @@ def local_layout(
     return int(workers), int(threads)
 
 
-def _count(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        n = as_number(value, int, what)
-    except ValueError:
-        raise ClusterError(f"{what}: expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise ClusterError(f"{what}: expected a positive integer, got {value!r}")
-    return n
+#: The least a local worker may be given: an idle worker process holds ~240 MB
+#: (distributed, pandas, pyarrow, OpenCV), distributed pauses it at 80% of its
+#: limit, and a 1,000-image partition needs ~100 MB more; below this a run
+#: would wait forever on a paused worker.
+MIN_WORKER_MEMORY = 512 * 2**20
 
 
-def _memory_limit(value: Any) -> Any:
-    """Dask's forms: "auto", a size ("4GiB"), bytes, or a fraction of the machine's memory."""
-    if value is None or value == "auto" or isinstance(value, int | float):
+def check_memory_limit(value: Any) -> Any:
+    """Dask's forms ("auto", a size like "4GiB", bytes, a fraction of the machine's
+    memory), and at least :data:`MIN_WORKER_MEMORY`."""
+    if value is None or value == "auto":
         return value
     from dask.utils import parse_bytes
 
     try:
-        parse_bytes(str(value))
+        n = float(value) if isinstance(value, int | float) else parse_bytes(str(value))
     except (TypeError, ValueError):
-        raise ClusterError(
-            f"memory limit: expected 'auto' or a size like 4GiB, got {value!r}"
+        raise InputError(
+            f"--memory-limit: expected 'auto' or a size like 4GiB, got {value!r}"
         ) from None
+    if 0 < n <= 1:  # a fraction of the machine's memory
+        import psutil
+
+        n *= psutil.virtual_memory().total
+    if n < MIN_WORKER_MEMORY:
+        raise InputError(
+            f"--memory-limit {value}: a worker needs at least {MIN_WORKER_MEMORY // 2**20} MiB "
+            "(an idle worker holds ~240 MB and pauses at 80% of its limit)"
+        )
     return value
 
 
-def _check_address(value: Any, what: str, port: bool) -> None:
-    """A host (``port=False``) or ``[host]:port`` that a local cluster can bind."""
+def check_address(value: Any, what: str, port: bool) -> str | None:
+    """A host (``port=False``) or ``[host]:port`` that a local cluster can bind;
+    returns it with a bare port bound to loopback (``8799`` -> ``127.0.0.1:8799``)."""
     if value is None or value == "":
-        return
+        return None
     text = str(value)
     host = text
     if port:
@@ -131,20 +118,60 @@ def _check_address(value: Any, what: str, port: bool) -> None:
         if not sep:
             host, p = "", text
         if not p.isdigit() or int(p) > 65535:
-            raise ClusterError(f"{what}: expected [host]:port, like 127.0.0.1:8787, got {text!r}")
-    if not host:
-        return
+            raise InputError(f"{what}: expected [host]:port, like 127.0.0.1:8787, got {text!r}")
+        if not host:
+            return f"127.0.0.1:{p}"
     try:
         ipaddress.ip_address(host.strip("[]"))
-        return
     except ValueError:
-        pass
-    if re.fullmatch(r"[0-9.]+", host):
-        raise ClusterError(f"{what}: not an IP address: {host!r}")
+        if re.fullmatch(r"[0-9.]+", host):
+            raise InputError(f"{what}: not an IP address: {host!r}") from None
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError:
+            raise InputError(f"{what}: cannot resolve {host!r}") from None
+    _check_bindable(host.strip("[]"), what)
+    return text
+
+
+def _check_bindable(host: str, what: str) -> None:
+    """An address that is not this machine's cannot be bound: say so now, not
+    as distributed's 70-line traceback after a minute of retries."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        socket.getaddrinfo(host, None)
-    except OSError:
-        raise ClusterError(f"{what}: cannot resolve {host!r}") from None
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+    except OSError as exc:
+        raise InputError(f"{what} {host}: cannot bind here ({exc.strerror or exc})") from None
+
+
+def exposure(spec: ClusterSpec) -> str | None:
+    """A warning line when the local scheduler or dashboard binds beyond loopback."""
+    exposed = []
+    for what, addr in (("scheduler", spec.host), ("dashboard", spec.dashboard_address)):
+        host = str(addr or "127.0.0.1").rpartition(":")[0] if what == "dashboard" else str(addr)
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                exposed.append(f"the {what} on {host}")
+        except ValueError:
+            if host != "localhost":
+                exposed.append(f"the {what} on {host}")
+    if not exposed:
+        return None
+    return (f"warning: {' and '.join(exposed)} can be reached from the network, without "
+            "authentication (the dashboard shows file names and can run code)")  # fmt: skip
+
+
+def check_local(spec: ClusterSpec) -> ClusterSpec:
+    """Validate a local cluster's options before anything starts; the spec with
+    its addresses normalised."""
+    from dataclasses import replace
+
+    check_memory_limit(spec.memory_limit)
+    host = check_address(spec.host, "--host", port=False)
+    dashboard = check_address(spec.dashboard_address, "--dashboard-address", port=True)
+    return replace(spec, host=host, dashboard_address=dashboard)
 
 
 # Imported once per worker at start-up, so the first partition of every worker
@@ -172,69 +199,103 @@ def warm_up(client) -> None:
 
 
 @contextlib.contextmanager
-def connect(spec: ClusterSpec, timeout: float | None = None) -> Iterator[tuple[Any, float]]:
-    """Yield ``(client, startup_seconds)``; the cluster is closed on exit, error or Ctrl-C.
+def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
+    """Yield ``(client, startup_seconds)`` for a local cluster or a running
+    scheduler; the cluster is closed on exit, error or stop.
 
-    ``timeout``: seconds to wait for an existing scheduler (``cluster.connect-timeout``).
+    (``ec2`` clusters come from :mod:`fruitdask.aws.ec2`; the CLI picks.)
     """
-    timeout = float(config_get("cluster.connect-timeout", timeout))
-    from distributed import Client
-
     t0 = time.perf_counter()
     if spec.kind == "local":
-        import dask
-        from distributed import LocalCluster
-
-        n_workers, threads = local_layout(
-            _count(config_get("cluster.workers", spec.workers), "workers"),
-            _count(config_get("cluster.threads-per-worker", spec.threads_per_worker), "threads"),
-        )
-        memory_limit = _memory_limit(config_get("cluster.memory-limit", spec.memory_limit))
-        host = config_get("cluster.host", spec.host)
-        dashboard = config_get("cluster.dashboard-address", spec.dashboard_address)
-        _check_address(host, "host", port=False)
-        _check_address(dashboard, "dashboard address", port=True)
-        settings = {
-            "distributed.nanny.pre-spawn-environ": _SINGLE_THREAD_ENV,
-            # One task per thread at a time, the rest queued on the scheduler: with
-            # the default 1.1 a worker holds two ~0.5 s partitions, and the last
-            # wave ends with one core idle while the other works through its queue.
-            "distributed.scheduler.worker-saturation": 1.0,
-        }
-        with dask.config.set(settings):
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=threads,
-                processes=True,
-                memory_limit=memory_limit,
-                host=host,
-                dashboard_address=dashboard,
-                silence_logs=40,
-            )
-        try:
-            with Client(cluster) as client:
-                warm_up(client)
-                try:
-                    yield client, time.perf_counter() - t0
-                except BaseException:
-                    # Leaving mid-run (Ctrl-C, SIGTERM, an error): the in-process
-                    # scheduler logs CRITICAL tracebacks about the client's closed
-                    # comm while it winds down; the CLI says what happened in one line.
-                    logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
-                    raise
-        finally:
-            cluster.close()
-    elif spec.kind == "ec2":
-        from fruitdask.aws.ec2 import ec2_cluster
-
-        with ec2_cluster(spec) as cluster, Client(cluster) as client:
+        with _local(check_local(spec)) as client:
             yield client, time.perf_counter() - t0
-    else:
+    elif "://" in spec.kind:
+        from distributed import Client
+
         try:
-            client = Client(spec.kind, timeout=timeout)
+            client = Client(spec.kind, timeout=spec.connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {spec.kind}: {exc}") from None
         try:
             yield client, time.perf_counter() - t0
         finally:
             client.close()
+    else:
+        raise InputError(f"--cluster {spec.kind}: not a local cluster or a scheduler address")
+
+
+@contextlib.contextmanager
+def _local(spec: ClusterSpec) -> Iterator[Any]:
+    import dask
+    from distributed import Client, LocalCluster
+
+    n_workers, threads = local_layout(spec.workers, spec.threads_per_worker)
+    settings = {
+        "distributed.nanny.pre-spawn-environ": _SINGLE_THREAD_ENV,
+        # One task per thread at a time, the rest queued on the scheduler: with
+        # the default 1.1 a worker holds two ~0.5 s partitions, and the last
+        # wave ends with one core idle while the other works through its queue.
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    with dask.config.set(settings), warnings.catch_warnings():
+        # A busy dashboard port: distributed picks another and warns in 4 lines;
+        # the CLI prints the address actually used.
+        warnings.filterwarnings("ignore", message=".*[Pp]ort .* is already in use")
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            memory_limit=spec.memory_limit,
+            host=spec.host,
+            dashboard_address=spec.dashboard_address,
+            silence_logs=40,
+        )
+    try:
+        with Client(cluster) as client:
+            warm_up(client)
+            try:
+                yield client
+            except BaseException:
+                # Leaving mid-run (a stop, an error): the in-process scheduler
+                # logs CRITICAL tracebacks about the client's closed comm while it
+                # winds down; the CLI says what happened in one line.
+                logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
+                raise
+    finally:
+        cluster.close()
+
+
+def n_threads(client) -> int:
+    """Worker threads of the cluster behind ``client`` (at least 1)."""
+    return max(1, sum(client.nthreads().values()))
+
+
+def gather_as_completed(
+    client, futures: list, stop: StopToken, on_result: Callable[[int, Any], None] | None = None
+) -> list[Any]:
+    """Results of ``futures`` in their order, handled as they finish; a stop
+    request cancels them all and raises :class:`Cancelled`."""
+    from distributed import as_completed
+
+    unregister = stop.on_stop(lambda: client.cancel(futures, force=True))
+    index_of = {f.key: i for i, f in enumerate(futures)}
+    results: list[Any] = [None] * len(futures)
+    try:
+        for fut in as_completed(futures):
+            stop.check()
+            try:
+                value = fut.result()
+            except Exception:
+                stop.check()  # a future cancelled by the stop: say so, not "cancelled"
+                raise
+            i = index_of[fut.key]
+            results[i] = value
+            if on_result is not None:
+                on_result(i, value)
+        stop.check()
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        unregister()
+    return results

@@ -34,8 +34,11 @@ __all__ = [
     "OutputExistsError",
     "StorageError",
     "TransientError",
+    "from_record",
     "one_line",
     "retrying",
+    "s3_error_code",
+    "to_record",
     "translate",
 ]
 
@@ -112,6 +115,27 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
+def to_record(exc: FruitdaskError) -> dict[str, str]:
+    """An error as plain data, to cross a process boundary that keeps no
+    Python types (a Spark executor's failure reaches the driver as JVM text)."""
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def from_record(record: dict[str, Any]) -> FruitdaskError:
+    """The typed error of :func:`to_record` (a :class:`JobError` for an unknown type)."""
+    kinds = {cls.__name__: cls for cls in _subclasses(FruitdaskError)}
+    kind = kinds.get(str(record.get("type")), JobError)
+    message = str(record.get("message") or "failed")
+    return Cancelled(message=message) if kind is Cancelled else kind(message)
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out
+
+
 # ---------------------------------------------------------------- the table
 #: S3 error codes (botocore's ``Error.Code``; pyarrow's AWS SDK names in capitals
 #: without underscores map onto the same entries) -> what they mean here.
@@ -180,8 +204,9 @@ _WHAT = {
 }
 
 
-def _boto_code(exc: BaseException) -> tuple[str | None, int | None]:
-    """The S3 error code and HTTP status of a botocore ClientError in the cause chain."""
+def s3_error_code(exc: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status of a botocore ClientError in the cause
+    chain (s3fs keeps it as ``__cause__``), or ``(None, None)``."""
     seen = 0
     cur: BaseException | None = exc
     while cur is not None and seen < 8:
@@ -211,11 +236,11 @@ def _botocore_transient(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException) -> type[StorageError]:
+def _kind(exc: BaseException) -> type[StorageError]:
     """Which :class:`StorageError` type a raw exception from a storage call is."""
     if isinstance(exc, StorageError):
         return type(exc)
-    code, status = _boto_code(exc)
+    code, status = s3_error_code(exc)
     if code in _S3_CODES:
         return _S3_CODES[code]
     if status is not None and status >= 500:
@@ -245,7 +270,7 @@ def translate(exc: BaseException, url: str, action: str = "read") -> FruitdaskEr
     """
     if isinstance(exc, FruitdaskError):
         return exc
-    kind = classify(exc)
+    kind = _kind(exc)
     if kind is StorageError:
         return StorageError(f"cannot {action} {url}: {one_line(exc)}")
     detail = "" if kind is NotFoundError else f" ({one_line(exc)})"

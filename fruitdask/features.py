@@ -8,13 +8,16 @@ calls exactly the same code.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import cv2
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DESCRIPTOR_BYTES",
+    "MAX_PIXELS_CAP",
     "ImageFeatures",
     "OrbParams",
     "decode_gray",
@@ -30,37 +33,54 @@ DESCRIPTOR_BYTES = 32
 # after allocating; we check the declared header size first, so a 50-byte file
 # declaring 100000x100000 pixels is refused before any memory is touched.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: The most ``max_pixels`` may be raised to: OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS).
+MAX_PIXELS_CAP = 2**30
 
 # One thread per decode/ORB call: parallelism comes from Dask (or Spark)
 # partitions. OpenCV's own thread pool would oversubscribe the cores.
 cv2.setNumThreads(1)
 
 
+def _param(default: float, help: str, low: float, high: float) -> Any:
+    # The same metadata as fruitdask.config.setting (this module knows no config):
+    # fruitdask.config builds the flags, help texts and dask.config keys from it.
+    meta = {"help": help, "key": None, "flag": None, "minimum": low, "maximum": high}
+    meta.update({"choices": None, "kind": type(default)})
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class OrbParams:
     """ORB settings, OpenCV's defaults unless given.
 
-    The original EMR job used ``nfeatures=30``; OpenCV's default is 500.
+    The original EMR job used ``nfeatures=30``; OpenCV's default is 500. The
+    bounds keep a detector's memory small: 32 pyramid levels and a 1,024-pixel
+    border are far beyond any useful setting for photos.
     """
 
-    nfeatures: int = 500
-    scale_factor: float = 1.2
-    nlevels: int = 8
-    edge_threshold: int = 31
-    fast_threshold: int = 20
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    nfeatures: int = _param(500, "max keypoints per image", 1, 100_000)
+    scale_factor: float = _param(1.2, "pyramid scale factor", 1.01, 4.0)
+    nlevels: int = _param(8, "pyramid levels", 1, 32)
+    edge_threshold: int = _param(31, "border without keypoints, pixels", 0, 1024)
+    fast_threshold: int = _param(20, "FAST threshold", 0, 255)
+    max_pixels: int = _param(
+        DEFAULT_MAX_PIXELS,
+        "refuse images larger than this, by their declared size, before decoding",
+        1,
+        MAX_PIXELS_CAP,
+    )
 
     def __post_init__(self) -> None:
-        if self.nfeatures < 1:
-            raise ValueError(f"nfeatures must be >= 1, got {self.nfeatures}")
-        if not self.scale_factor > 1.0:
-            raise ValueError(f"scale_factor must be > 1, got {self.scale_factor}")
-        if self.nlevels < 1:
-            raise ValueError(f"nlevels must be >= 1, got {self.nlevels}")
-        if self.edge_threshold < 0 or self.fast_threshold < 0:
-            raise ValueError("edge_threshold and fast_threshold must be >= 0")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        for f in fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if m["kind"] is int and not isinstance(value, int):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            if not m["minimum"] <= value <= m["maximum"]:
+                raise ValueError(
+                    f"{f.name} must be between {m['minimum']} and {m['maximum']}, got {value}"
+                )
 
     def create(self) -> cv2.ORB:
         """A new ``cv2.ORB`` detector with these settings."""

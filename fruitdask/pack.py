@@ -1,41 +1,38 @@
 """Pack a tree of small images into a few Parquet shards of image bytes.
 
 Object stores charge per request: 90,000 loose 5 KB objects cost 90,000 GETs,
-each worth more CPU than the ORB work on the image. A packed input turns them
-into a few ranged reads per task. Layout::
+each worth more CPU than the ORB work on the image. A pack turns them into a
+few ranged reads per task (:mod:`fruitdask.source` reads it like the tree).
+A pack is an output like any other, committed through
+:class:`fruitdask.output.OutputDir`::
 
-    DST/shards/part-00000.parquet        path, label, split, size, bytes, error
-    DST/_fruitdask_pack/index.parquet    one row per image: where its bytes are
-    DST/_fruitdask_pack/pack.json        counts, timings, source (no secrets)
+    DST/shards/part-00000-<run>.parquet   path, label, split, size, bytes, error
+    DST/index-<run>.parquet               one row per image: where its bytes are
+    DST/manifest.json, DST/_SUCCESS       as every output
 
-Each shard holds row groups of ``row_group_size`` images; ``fruitdask run``
-partitions a packed input along them, so a task reads whole row groups. The
-index is written last: until it exists the folder is not a packed input. Shards
-are written whole (a rename locally, one PUT on S3) under names fixed by the
-source listing, so an interrupted pack resumes where it stopped.
+Each shard holds row groups of ``row_group_size`` images; ``run`` partitions a
+packed input along them, so a task reads whole row groups. An interrupted pack
+resumes when run again (its finished shards are kept).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from fruitdask import io
-from fruitdask.config import redact
+from fruitdask import source
+from fruitdask.cancel import StopToken
+from fruitdask.cluster import gather_as_completed, n_threads
+from fruitdask.errors import OutputExistsError, retrying, translate
+from fruitdask.output import OutputDir, RunState, new_run_id, read_committed, recordable_options
+from fruitdask.partition import plan_shards
 
-__all__ = ["PACK_SCHEMA", "PackExistsError", "PackSummary", "pack", "plan_shards"]
-
-PACK_FORMAT = "fruitdask-pack/1"
-STATE = "_fruitdask_pack/state.json"
-MANIFEST = "_fruitdask_pack/pack.json"
+__all__ = ["PACK_SCHEMA", "PackJob", "PackSummary", "pack", "preflight"]
 
 PACK_SCHEMA = pa.schema(
     [
@@ -49,10 +46,6 @@ PACK_SCHEMA = pa.schema(
 )
 
 
-class PackExistsError(Exception):
-    """The destination holds something else; refused without ``overwrite``."""
-
-
 @dataclass
 class PackSummary:
     output: str
@@ -64,33 +57,77 @@ class PackSummary:
     seconds: float = 0.0
     already_complete: bool = False
 
-
-def plan_shards(n_images: int, shard_size: int, n_threads: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of at most ``shard_size`` images, at least one per thread."""
-    if n_images <= 0:
-        return []
-    n = max(math.ceil(n_images / shard_size), min(n_threads, n_images))
-    size = math.ceil(n_images / n)
-    return [(a, min(a + size, n_images)) for a in range(0, n_images, size)]
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _shard_name(i: int) -> str:
-    return f"shards/part-{i:05d}.parquet"
+@dataclass
+class PackJob:
+    """A pack about to run: its source listing, locked destination and settings."""
+
+    src: str
+    so: dict[str, Any]
+    listing: pd.DataFrame
+    out: OutputDir
+    settings: dict[str, Any]
+    resume: bool = False
+    summary: PackSummary = field(default_factory=lambda: PackSummary(output=""))
+
+    @property
+    def already_complete(self) -> bool:
+        return self.summary.already_complete
 
 
-def _pack_task(
-    i: int,
-    rows: pd.DataFrame,
+def preflight(
     src: str,
     dst: str,
-    so: dict[str, Any],
-    dso: dict[str, Any],
-    row_group_size: int,
-) -> dict[str, int]:
-    """Worker side: read one shard's images and write them as one Parquet file."""
-    data = io.read_images(src, rows, so)
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    shard_size: int = 5000,
+    row_group_size: int = 250,
+    overwrite: bool = False,
+    stop: StopToken | None = None,
+) -> PackJob:
+    """List ``src`` and check and lock ``dst`` before a cluster starts.
+
+    Without ``overwrite``: a finished pack of the same source and sizes is left
+    alone, an interrupted one resumes, anything else is refused.
+    """
+    so = dict(storage_options or {})
+    dso = so if dst_storage_options is None else dict(dst_storage_options)
+    listing = retrying(source.list_input)(src, so)
+    settings = {"source": src, "shard_size": shard_size, "row_group_size": row_group_size}
+    out = OutputDir(dst, dso, kind=source.PACK_FORMAT)
+    state = out.check("overwrite" if overwrite else "resume", {"source": (src, so)})
+    out.lock(new_run_id(), stop=stop)
+    job = PackJob(src, so, listing, out, settings, summary=PackSummary(output=dst))
+    if overwrite or state == "empty":
+        return job
+    committed = read_committed(dst, dso)
+    if state == "complete" and committed is not None:
+        if committed.get("settings") == settings and committed.get("images") == len(listing):
+            job.summary.already_complete = True
+            return job
+    elif state == "interrupted" and out.resumable() is not None:
+        from fruitdask.errors import InputError
+
+        try:
+            out.resume(settings, listing)
+            job.resume = True
+            return job
+        except InputError:
+            pass
+    out.release()
+    raise OutputExistsError(
+        f"{dst}: holds another pack (or one of another source); use --overwrite to replace it"
+    )
+
+
+def _pack_task(i: int, rows: pd.DataFrame, src: str, so: dict, run: RunState, rg: int) -> dict:
+    """Read one shard's images and write them as one Parquet file."""
+    data = list(source.iter_images(src, rows, so))
     blobs = [b if isinstance(b, bytes) else None for b in data]
-    errors = [None if isinstance(b, bytes) else io.translate(b, str(p)).args[0]
+    errors = [None if isinstance(b, bytes) else str(translate(b, str(p)))
               for b, p in zip(data, rows["path"], strict=True)]  # fmt: skip
     table = pa.table(
         {
@@ -104,23 +141,17 @@ def _pack_task(
         schema=PACK_SCHEMA,
     )
     # JPEG/PNG bytes do not compress: no codec, just row groups to read by.
-    n = io.write_table(
-        table, io.join(dst, _shard_name(i)), dso, compression="none", row_group_size=row_group_size
-    )
-    return {"bytes": n, "unreadable": sum(b is None for b in blobs), "images": len(rows)}
+    n = run.write_table(run.part("shards", i), table, compression="none", row_group_size=rg)
+    info = {"bytes": n, "unreadable": sum(b is None for b in blobs), "images": len(rows)}
+    run.mark_done(i, info)
+    return info
 
 
-def _fingerprint(listing: pd.DataFrame, shard_size: int, row_group_size: int) -> str:
-    h = hashlib.sha256(f"{shard_size}/{row_group_size}".encode())
-    h.update(pd.util.hash_pandas_object(listing[["path", "size"]], index=False).values.tobytes())
-    return h.hexdigest()[:16]
-
-
-def _index(listing: pd.DataFrame, ranges: list[tuple[int, int]], rg: int) -> pa.Table:
+def _index(listing: pd.DataFrame, ranges: list[tuple[int, int]], rg: int, run: RunState):
     shard, group, row = [], [], []
     for i, (a, b) in enumerate(ranges):
         for j in range(b - a):
-            shard.append(_shard_name(i))
+            shard.append(run.part("shards", i))
             group.append(j // rg)
             row.append(j % rg)
     return pa.table(
@@ -129,6 +160,7 @@ def _index(listing: pd.DataFrame, ranges: list[tuple[int, int]], rg: int) -> pa.
             "label": pa.array(listing["label"], pa.string()),
             "split": pa.array(listing["split"], pa.string()),
             "size": pa.array(listing["size"], pa.int64()),
+            "mtime": pa.array(listing["mtime"], pa.int64()),
             "shard": pa.array(shard, pa.string()),
             "row_group": pa.array(group, pa.int32()),
             "row": pa.array(row, pa.int32()),
@@ -137,109 +169,68 @@ def _index(listing: pd.DataFrame, ranges: list[tuple[int, int]], rg: int) -> pa.
 
 
 def pack(
-    src: str,
-    dst: str,
+    job: PackJob,
     client,
-    storage_options: dict[str, Any] | None = None,
-    dst_storage_options: dict[str, Any] | None = None,
     shard_size: int = 5000,
     row_group_size: int = 250,
-    overwrite: bool = False,
     progress: Callable[[str, int, int, int], None] | None = None,
+    stop: StopToken | None = None,
 ) -> PackSummary:
-    """Pack the images under ``src`` into Parquet shards under ``dst``, on a Dask cluster.
+    """Pack ``job``'s source into shards on a Dask cluster and commit them.
 
-    Parameters
-    ----------
-    src, dst : str
-        Folders or URLs (local, ``s3://``); S3 to S3 works, no bytes pass the client.
-    shard_size : int
-        Images per shard (fewer when needed to give every worker thread a shard).
-    row_group_size : int
-        Images per Parquet row group: a ``run`` task reads a few of them (up to
-        its partition size), fetching the next while it decodes the first.
-    overwrite : bool
-        Replace whatever ``dst`` holds. Without it an interrupted pack of the same
-        source resumes and a finished one is left alone.
-
-    Raises
-    ------
-    io.StorageError
-        ``src`` is missing, empty or unreachable.
-    PackExistsError
-        ``dst`` holds something else and ``overwrite`` is not set.
+    No image bytes pass the client (S3 to S3 included).
     """
-    from distributed import as_completed
-
-    if shard_size < 1 or row_group_size < 1:
-        raise ValueError("shard size and row group size must be >= 1")
     t0 = time.perf_counter()
-    so = dict(storage_options or {})
-    dso = so if dst_storage_options is None else dict(dst_storage_options)
-    listing = io.list_images(src, so)
-    try:
-        threads = sum(client.nthreads().values())
-    except Exception:  # noqa: BLE001
-        threads = 1
-    ranges = plan_shards(len(listing), shard_size, threads)
-    fp = _fingerprint(listing, shard_size, row_group_size)
-    summary = PackSummary(output=dst, images=len(listing), shards=len(ranges))
+    stop = stop or StopToken()
+    out, listing, summary = job.out, job.listing, job.summary
+    if job.resume:
+        run, state = out.resume(job.settings, listing)
+        ranges = [(int(a), int(b)) for a, b in state["partitions"]]
+    else:
+        assert out.lease is not None
+        ranges = plan_shards(len(listing), shard_size, n_threads(client))
+        run = RunState(out.url, out.so, out.lease.run_id)
+        files = [run.part("shards", i) for i in range(len(ranges))]
+        out.start(run.run_id, job.settings, ranges, listing, [*files, _index_name(run)])
+    done = run.done(len(ranges))
+    summary.images, summary.shards = len(listing), len(ranges)
+    summary.shards_resumed = len(done)
+    for info in done.values():
+        summary.bytes += int(info.get("bytes", 0))
+        summary.unreadable += int(info.get("unreadable", 0))
+    todo = [i for i in range(len(ranges)) if i not in done]
+    futures = [
+        client.submit(_pack_task, i, listing.iloc[ranges[i][0]:ranges[i][1]].reset_index(drop=True),
+                      job.src, job.so, run, row_group_size, key=f"pack-{run.run_id}-{i:05d}")
+        for i in todo
+    ]  # fmt: skip
+    seen = {"shards": summary.shards_resumed, "images": 0}
 
-    state = json.loads(io.read_text(io.join(dst, STATE), dso) or "null")
-    done_index = io.exists(io.join(dst, io.PACK_INDEX), dso)
-    if overwrite:
-        io.remove([io.join(dst, io.PACK_INDEX)], dso)  # no longer a packed input
-        io.remove_tree(dst, dso)
-        state = None
-    elif state is not None and state.get("fingerprint") == fp:
-        if done_index:
-            summary.already_complete = True
-            return summary
-    elif io.exists(dst, dso) and io.ls(dst, dso):
-        raise PackExistsError(
-            f"{dst}: exists and is not a pack of this source; use --overwrite to replace it"
-        )
-    io.check_writable(dst, dso)
-    io.write_bytes(io.join(dst, STATE), json.dumps({"fingerprint": fp}).encode(), dso)
+    def tick(_: int, r: dict[str, int]) -> None:
+        summary.bytes += r["bytes"]
+        summary.unreadable += r["unreadable"]
+        seen["shards"] += 1
+        seen["images"] += r["images"]
+        if progress:
+            progress("pack", seen["shards"], len(ranges), seen["images"])
 
-    present = set(io.ls(io.join(dst, "shards"), dso)) if state else set()
-    futures = []
-    for i, (a, b) in enumerate(ranges):
-        if _shard_name(i).split("/", 1)[1] in present:
-            summary.shards_resumed += 1
-            continue
-        rows = listing.iloc[a:b].reset_index(drop=True)
-        futures.append(
-            client.submit(
-                _pack_task, i, rows, src, dst, so, dso, row_group_size, key=f"pack-{fp}-{i}"
-            )
-        )
-    n_done = 0
-    try:
-        for k, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
-            summary.bytes += r["bytes"]
-            summary.unreadable += r["unreadable"]
-            n_done += r["images"]
-            if progress:
-                progress("pack", k + summary.shards_resumed, len(ranges), n_done)
-    except BaseException:
-        client.cancel(futures)
-        raise
-
-    io.write_table(_index(listing, ranges, row_group_size), io.join(dst, io.PACK_INDEX), dso)
+    gather_as_completed(client, futures, stop, tick)
+    run.write_table(_index_name(run), _index(listing, ranges, row_group_size, run))
     summary.seconds = time.perf_counter() - t0
     manifest = {
-        "format": PACK_FORMAT,
-        "source": src,
-        "storage_options": redact(so),
+        "source": job.src,
+        "settings": job.settings,
+        "storage_options": recordable_options(job.so),
         "images": summary.images,
         "unreadable": summary.unreadable,
         "shards": summary.shards,
-        "shard_size": shard_size,
-        "row_group_size": row_group_size,
         "seconds": round(summary.seconds, 3),
-        "fingerprint": fp,
-    }
-    io.write_bytes(io.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode(), dso)
+        "files": {"shards": [run.part("shards", i) for i in range(len(ranges))],
+                  "index": [_index_name(run)]},
+    }  # fmt: skip
+    out.publish(run, manifest, stop=stop)
     return summary
+
+
+def _index_name(run: RunState) -> str:
+    return f"index-{run.run_id}.parquet"

@@ -5,7 +5,7 @@ Two fits:
 * ``incremental``: dask-ml ``IncrementalPCA`` with a full SVD and large batches,
   fitted on a uniform random sample of the descriptors (or all of them).
   Its defaults are neither fast nor accurate here (160-row batches; a randomized
-  solver 20-50 degrees off the exact subspace, see shared/NOTES.md).
+  solver measured 22-50 degrees off the exact subspace).
 * ``exact``: a one-pass tree reduction of per-partition moments (count, mean,
   centred scatter matrix, combined with Chan et al.'s pairwise update), then an
   eigendecomposition of the 32x32 covariance. Exact and parallel.
@@ -29,6 +29,7 @@ __all__ = [
     "exact_pca",
     "fit_incremental",
     "moments",
+    "pca_report",
     "principal_angles",
     "variance_captured",
 ]
@@ -239,6 +240,24 @@ def variance_captured(model: PcaModel, m: Moments) -> float:
     total = float(np.trace(cov))
     c = model.components
     return float(np.einsum("ij,jk,ik->", c, cov, c) / total) if total > 0 else 0.0
+
+
+def pca_report(model: PcaModel, total: Moments) -> dict[str, Any]:
+    """How good a fitted PCA is, judged on every descriptor (``total``'s moments):
+    the variance its subspace captures beside the exact PCA's, and the principal
+    angles between the two subspaces."""
+    exact = exact_pca(total, model.n_components)
+    angles = principal_angles(model.components, exact.components)
+    return {
+        "method": model.method,
+        "n_components": model.n_components,
+        "fitted_on_rows": int(model.n_samples),
+        "sampled": bool(model.n_samples < total.n),
+        "explained_variance_ratio": variance_captured(model, total),
+        "exact_explained_variance_ratio": float(exact.explained_variance_ratio.sum()),
+        "max_principal_angle_to_exact_deg": float(angles.max()),
+        "principal_angles_to_exact_deg": [round(float(a), 4) for a in angles],
+    }
 
 
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,6 +1,4 @@
-import sys
-
-from spark_parity.cli import main
+from spark_parity.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

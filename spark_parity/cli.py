@@ -1,70 +1,62 @@
-"""``python -m spark_parity``: argument parsing and printing only; the job is in :mod:`.job`.
+"""``python -m spark_parity``: parsing and printing only; the job is in :mod:`.job`.
 
 Takes ``fruitdask run``'s input, output, storage, ORB and PCA options (the same
-argument helpers), plus the Spark ones. Exit codes as ``fruitdask``: 0 success,
-2 bad arguments or input, or no usable Spark (one line on stderr), 1 a Spark job
-failed, 130 interrupted, 143 terminated.
+argument builders), plus the Spark ones. Exit codes as ``fruitdask``'s: 0
+success, 2 bad arguments or input, or no usable Spark (one line on stderr), 1
+a Spark job failed, 130/143 stopped by SIGINT/SIGTERM before the commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from fruitdask.cli import (
-    UsageError,
+    Parser,
+    Supervisor,
     add_orb_arguments,
+    add_run_settings,
     add_storage_arguments,
     build_run_config,
     ensure_default_sample,
+    report_failure,
+    term,
 )
+from fruitdask.errors import InputError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "console_main", "main"]
 
-EXIT_USAGE = 2
 PROG = "spark_parity"
 
 
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler so the SparkSession is stopped."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The fruitdask job in PySpark (parity and benchmarks).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="The fruitdask job in PySpark (parity and benchmarks).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     r = sub.add_parser(
         "run",
         help="images -> ORB descriptors -> PCA -> Parquet, on Spark",
-        description="The job of `fruitdask run` on Spark: same kernels, same output layout "
-        "and schemas (manifest engine: spark). Needs pyspark (pip install fruitdask[spark]) "
-        "and Java 17+.",
+        description="The job of `fruitdask run` on Spark: same kernels, same output layout, "
+        "schemas and commit (manifest engine: spark). Needs pyspark "
+        "(pip install fruitdask[spark]) and Java 17+.",
     )
     r.add_argument("--input", "-i", help="folder or URL of images (default: generated sample)")
-    r.add_argument(
-        "--output", "-o", default="fruitdask-spark-output", help="folder or URL for the result"
-    )
+    r.add_argument("--output", "-o", default="fruitdask-spark-output", help="folder or URL")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    r.add_argument(
-        "--master", help="Spark master: local[N] (default: one core each), spark://..., yarn"
-    )
+    r.add_argument("--master", help="local[N] (default: one per core), spark://..., yarn")
     r.add_argument(
         "--profile",
         choices=("tuned", "seed"),
         default="tuned",
-        help="tuned: Arrow batches, sized partitions (default); seed: the original job's "
-        "row UDFs, explode, VectorUDT and default partitioning",
+        help="tuned: Arrow batches, sized partitions; seed: the original job's row UDFs, "
+        "explode, VectorUDT and default partitioning",
     )
     r.add_argument(
         "--reader",
@@ -75,17 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--native-s3",
         action="store_true",
-        help="read s3:// with Spark's binaryFile source (EMRFS on EMR) instead of "
-        "listing on the driver and fetching through fsspec in the executors",
+        help="read s3:// with Spark's binaryFile source (EMRFS on EMR)",
     )
-    r.add_argument("--partition-size", type=int, help="images per task, tuned (default 1000)")
-    r.add_argument("--n-components", type=int, help="PCA components, 1-32 (default 20)")
-    r.add_argument(
-        "--pca-sample",
-        type=int,
-        help="tuned: fit Spark's PCA on a uniform sample of about N descriptors "
-        "(0 = all; default 131072, as fruitdask run); seed fits on all",
-    )
+    add_run_settings(r, ("partition_size", "n_components", "pca_sample"))
     r.add_argument(
         "--no-descriptors", action="store_true", help="do not keep the raw descriptors/ table"
     )
@@ -94,24 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--conf", action="append", metavar="KEY=VALUE", help="extra Spark setting (repeatable)"
     )
-    g.add_argument(
-        "--event-log", metavar="DIR", help="keep Spark's event log for the history server"
-    )
-    g.add_argument(
-        "--java-option", action="append", metavar="OPTION", help="extra driver JVM option"
-    )
+    g.add_argument("--event-log", metavar="DIR", help="keep Spark's event log (history server)")
+    g.add_argument("--java-option", action="append", metavar="OPTION", help="extra JVM option")
     g.add_argument(
         "--no-cds",
         action="store_true",
         help="tuned: do not use the class-data-sharing archive (see `spark_parity cds`)",
     )
-    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_storage_arguments(r)
     add_orb_arguments(r)
-    # build_run_config reads these `fruitdask run` options: Spark's PCA is exact,
-    # has no batches and cannot resume.
-    r.set_defaults(func=cmd_run, pca="exact", pca_batch_size=None, resume=False)
+    # Spark's PCA is exact and has no batches; the job does not resume.
+    r.set_defaults(func=cmd_run, pca_method="exact", resume_hint="run it again with --overwrite")
 
     c = sub.add_parser(
         "cds",
@@ -119,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the tuned job once on a few generated images with a JVM that "
         "dumps the classes it loads into an archive (~200 MB, in ~/.cache/fruitdask/"
         "spark-cds/), which later tuned runs map instead of reading Spark's jars. Once per "
-        "pyspark and Java version; takes ~30 s.",
+        "pyspark and Java installation (rebuilt when either changes); takes ~30 s.",
     )
     c.set_defaults(func=cmd_cds)
     return parser
@@ -129,7 +108,7 @@ def _spark_conf(items: list[str] | None) -> dict[str, str]:
     conf = {}
     for item in items or []:
         if "=" not in item:
-            raise UsageError(f"--conf expects key=value, got {item!r}")
+            raise InputError(f"--conf expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         conf[k.strip()] = v.strip()
     return conf
@@ -138,8 +117,7 @@ def _spark_conf(items: list[str] | None) -> dict[str, str]:
 class _Progress:
     """A line per stage every few seconds (tasks done), and one when it ends."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self) -> None:
         self.t0 = time.perf_counter()
 
     def __call__(self, stage: str, done: int, total: int, items: int) -> None:
@@ -148,37 +126,26 @@ class _Progress:
         if items:
             unit = "images" if stage == "extract" else "descriptors"
             line += f", {items:,} {unit} ({items / max(elapsed, 1e-9):,.0f}/s)"
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        term.say(line)
         if done == total and items:
             self.t0 = time.perf_counter()
 
 
-def _print_summary(summary, args, ui: str | None) -> None:
+def _summary(summary, args, ui: str | None) -> str:
+    p = summary.pca
     if args.json:
         out: dict[str, Any] = {
-            "engine": "spark",
-            "profile": args.profile,
-            "output": summary.output,
-            "run_id": summary.run_id,
-            "images": summary.images,
-            "ok": summary.images_ok,
-            "no_keypoints": summary.images_no_keypoints,
-            "error": summary.images_error,
-            "descriptors": summary.descriptors,
-            "partitions": summary.partitions,
-            "timings": summary.timings,
-            "images_per_s": round(summary.images_per_s, 1),
-            "pca": summary.pca,
-            "spark_ui": ui,
-        }
-        print(json.dumps(out))
-        return
-    t = summary.timings
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
-    p = summary.pca
+            "engine": "spark", "profile": args.profile, "output": summary.output,
+            "run_id": summary.run_id, "images": summary.images, "ok": summary.images_ok,
+            "no_keypoints": summary.images_no_keypoints, "error": summary.images_error,
+            "descriptors": summary.descriptors, "partitions": summary.partitions,
+            "timings": summary.timings, "images_per_s": round(summary.images_per_s, 1),
+            "pca": p, "spark_ui": ui,
+        }  # fmt: skip
+        return json.dumps(out)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary.timings.items())
     out_url = summary.output if "://" in summary.output else os.path.abspath(summary.output)
-    print(
+    return (
         f"images: {summary.images:,} ({summary.images_ok:,} ok, "
         f"{summary.images_no_keypoints:,} no keypoints, {summary.images_error:,} failed)\n"
         f"descriptors: {summary.descriptors:,} in {summary.partitions} partitions\n"
@@ -192,29 +159,16 @@ def _print_summary(summary, args, ui: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fruitdask.pipeline import Timer
     from spark_parity import job, session
 
-    for name in ("partition_size", "n_components"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.input is None:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args)
     try:
         session.parse_master(args.master or "local")
-        # Validate input and output before starting a JVM: a typo costs no start-up.
-        t = time.perf_counter()
-        listing = job.preflight(cfg, args.native_s3, args.reader)
-        listing_s = time.perf_counter() - t
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not args.quiet:
-        if listing is not None:
-            labels = listing["label"].nunique()
-            print(f"input: {cfg.input} ({len(listing):,} images, {labels} labels)", flush=True)
-        else:
-            print(f"input: {cfg.input} (listed by Spark)", flush=True)
+        raise InputError(f"--master: {exc}") from None
     tuned = args.profile == "tuned"
     spec = session.SparkSpec(
         master=args.master,
@@ -226,22 +180,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         fast_start=tuned,
         cds=tuned and not args.no_cds,
     )
-    with session.start(spec) as (spark, startup):
-        ui = session.ui_url(spark)
-        if ui and not args.quiet:
-            print(f"Spark UI: {ui}", flush=True)
-        summary = job.run(
-            cfg,
-            spark,
-            profile=args.profile,
-            native_s3=args.native_s3,
-            reader=args.reader,
-            progress=None if args.quiet else _Progress(),
-            startup_seconds=startup,
-            listing=listing,
-            listing_seconds=listing_s if listing is not None else 0.0,
-        )
-    _print_summary(summary, args, ui)
+    ui: list[str | None] = [None]
+
+    def body(stop):
+        t = time.perf_counter()
+        listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
+        timer = Timer(startup=0.0, listing=time.perf_counter() - t)
+        try:
+            if not args.quiet:
+                what = f"{len(listing):,} images" if listing is not None else "listed by Spark"
+                term.say(f"input: {cfg.input} ({what})")
+            with session.start(spec) as (spark, startup):
+                timer.seconds["startup"] = startup
+                stop.check()
+                ui[0] = session.ui_url(spark)
+                if ui[0] and not args.quiet:
+                    term.say(f"Spark UI: {ui[0]}")
+                return job.run(cfg, spark, out, listing, args.profile, args.native_s3,
+                               args.reader, None if args.quiet else _Progress(), stop, timer)  # fmt: skip
+        finally:
+            out.release()
+
+    summary = Supervisor().run(body)
+    term.result(_summary(summary, args, ui[0]))
     return 0
 
 
@@ -253,37 +214,29 @@ def cmd_cds(args: argparse.Namespace) -> int:
     path = session.build_cds_archive()
     size = path.stat().st_size / 2**20
     what = "already there" if existed else f"built in {time.perf_counter() - t:.0f}s"
-    print(f"{path} ({size:,.0f} MiB, {what})")
+    term.result(f"{path} ({size:,.0f} MiB, {what})")
     return 0
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from fruitdask.io import StorageError
-    from fruitdask.pipeline import OutputExistsError
-    from spark_parity.job import SparkJobError
-    from spark_parity.session import SparkUnavailable
-
-    known = (UsageError, StorageError, OutputExistsError, SparkUnavailable, FileExistsError)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except known as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SparkJobError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no _SUCCESS written", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print(f"{PROG}: terminated; no _SUCCESS written", file=sys.stderr)
-        return 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one line
+        return report_failure(PROG, exc, getattr(args, "resume_hint", ""))
+
+
+def console_main() -> NoReturn:
+    """``python -m spark_parity``: :func:`main` with the JVM's and the libraries'
+    output in a log file (see :func:`fruitdask.cli.console_main`)."""
+    from fruitdask.cli._common import log_file
+
+    term.redirect(log_file())
+    code = main()
+    logging.shutdown()
+    for stream in (term.out, term.err, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

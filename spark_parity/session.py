@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fruitdask.errors import InputError
+
 __all__ = [
     "MIN_JAVA",
     "SparkSpec",
@@ -48,7 +50,7 @@ _JAVA_HINT = (
 )
 
 
-class SparkUnavailable(Exception):
+class SparkUnavailable(InputError):
     """pyspark or a suitable Java is missing, or the Spark driver could not start."""
 
 
@@ -319,7 +321,7 @@ def _builder_conf(spec: SparkSpec) -> dict[str, str]:
 
 # Imported once in each Python worker at start-up, so the first partition does
 # not pay ~0.5 s of imports inside the timed extraction (cf. fruitdask.cluster).
-_WARM_MODULES = ("cv2", "pyarrow.parquet", "fruitdask.pipeline", "fruitdask.io")
+_WARM_MODULES = ("cv2", "pyarrow.parquet", "fruitdask.tables", "fruitdask.source")
 
 
 def _warm(batches):

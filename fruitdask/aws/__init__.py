@@ -24,8 +24,8 @@ from typing import Any
 import dask.config
 import yaml
 
-from fruitdask.cluster import ClusterError
 from fruitdask.config import config_get
+from fruitdask.errors import ClusterError
 
 __all__ = ["RUN_TAG", "AwsError", "aws_config", "install_hint", "parse_tags"]
 
@@ -40,7 +40,7 @@ with open(_YAML) as _f:
 class AwsError(ClusterError):
     """An AWS call or an AWS setting failed.
 
-    A :class:`~fruitdask.cluster.ClusterError`, so ``python -m fruitdask`` prints
+    A :class:`~fruitdask.errors.ClusterError`, so ``python -m fruitdask`` prints
     it as one line and exits 2.
     """
 

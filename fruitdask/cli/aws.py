@@ -1,10 +1,9 @@
 """``fruitdask run --cluster ec2 ...``, ``fruitdask emr ...``, ``fruitdask plan ...``.
 
 Argument parsing and printing only; the work is in :mod:`fruitdask.aws`.
-Registered by :func:`fruitdask.cli.build_parser`: ``add_run_arguments`` adds the
-EC2 options of ``run`` (dests prefixed ``ec2_``, handed to
-:func:`fruitdask.aws.ec2.ec2_cluster` through ``ClusterSpec.extra``), and
-``register`` adds the ``emr`` and ``plan`` sub-commands.
+``register`` adds the ``emr`` and ``plan`` sub-commands, and the EC2 options
+of ``run`` (dests prefixed ``ec2_``, handed to
+:func:`fruitdask.aws.ec2.ec2_cluster` through ``ClusterSpec.extra``).
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from typing import Any
 
-from fruitdask.cli import UsageError, _positive
+from fruitdask.cli._common import positive, term
+from fruitdask.errors import InputError
 
 __all__ = ["add_run_arguments", "register"]
 
@@ -98,7 +97,8 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the ``emr`` and ``plan`` sub-commands."""
+    """Add the ``emr`` and ``plan`` sub-commands, and the EC2 options of ``run``."""
+    add_run_arguments(subparsers.choices["run"])
     _register_plan(subparsers)
     _register_emr(subparsers)
 
@@ -145,8 +145,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fruitdask.aws import aws_config
     from fruitdask.aws import plan as pl
 
-    _positive("--images", args.images)
-    _positive("--workers", args.workers)
+    positive("--images", args.images)
+    positive("--workers", args.workers)
     try:
         service = args.service or aws_config("plan.service")
         d = pl.defaults(service)
@@ -176,11 +176,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise pl.PlanError(f"no instance type in {prices.path} has a {service} price")
             best = options[0]
     except pl.PlanError as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
     if args.json:
-        print(json.dumps(_plan_json(best, prices, source)))
+        term.result(json.dumps(_plan_json(best, prices, source)))
     else:
-        print(pl.format_plan(best, prices, source, options[:8] if not args.instance_type else None))
+        term.result(
+            pl.format_plan(best, prices, source, options[:8] if not args.instance_type else None)
+        )
     return 0
 
 
@@ -313,7 +315,7 @@ def _aws_errors() -> tuple[type[BaseException], ...]:
 
 
 def _dry(operation: str, payload: dict[str, Any]) -> int:
-    print(json.dumps({"operation": operation, "payload": payload}, indent=1))
+    term.result(json.dumps({"operation": operation, "payload": payload}, indent=1))
     return 0
 
 
@@ -323,7 +325,7 @@ def _duration(text: str | None) -> float | None:
     try:
         return parse_duration(text)
     except PlanError as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def cmd_emr_create(args: argparse.Namespace) -> int:
@@ -332,7 +334,7 @@ def cmd_emr_create(args: argparse.Namespace) -> int:
     def conf(value: Any, key: str) -> Any:
         return aws_config(f"emr.{key}", value)
 
-    _positive("--core-count", args.core_count)
+    positive("--core-count", args.core_count)
     idle = _duration(conf(args.idle_timeout, "idle-timeout"))
     try:
         s = emr.EmrSettings(
@@ -361,12 +363,11 @@ def cmd_emr_create(args: argparse.Namespace) -> int:
             return _dry("RunJobFlow", payload)
         cluster_id = emr.create_cluster(emr.emr_client(args.region), payload)
     except _aws_errors() as exc:
-        raise UsageError(str(exc)) from None
-    print(cluster_id)
-    print(
+        raise InputError(str(exc)) from None
+    term.result(cluster_id)
+    term.say(
         f"created {cluster_id}; submit with: python -m fruitdask emr submit {cluster_id} "
-        "--input s3://... --output s3://...",
-        file=sys.stderr,
+        "--input s3://... --output s3://..."
     )
     return 0
 
@@ -379,7 +380,7 @@ def cmd_emr_submit(args: argparse.Namespace) -> int:
     try:
         job_args = shlex.split(args.job_args)
     except ValueError as exc:
-        raise UsageError(f"--job-args: {exc}") from None
+        raise InputError(f"--job-args: {exc}") from None
     try:
         steps = []
         if args.job in ("dask", "both"):
@@ -410,12 +411,12 @@ def cmd_emr_submit(args: argparse.Namespace) -> int:
         client = emr.emr_client(args.region)
         step_ids = emr.add_steps(client, payload)
         for sid, step in zip(step_ids, steps, strict=True):
-            print(f"{sid}\t{step['Name']}")
+            term.result(f"{sid}\t{step['Name']}")
         if not args.wait:
             return 0
         return _wait_all(client, args.cluster_id, step_ids, timeout)
     except _aws_errors() as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def _wait_all(client, cluster_id: str, step_ids: list[str], timeout: float | None) -> int:
@@ -425,7 +426,7 @@ def _wait_all(client, cluster_id: str, step_ids: list[str], timeout: float | Non
     for sid in step_ids:
 
         def show(state: str, sid: str = sid) -> None:
-            print(f"{sid}: {state}", file=sys.stderr, flush=True)
+            term.say(f"{sid}: {state}")
 
         r = emr.wait_for_step(
             client,
@@ -437,11 +438,10 @@ def _wait_all(client, cluster_id: str, step_ids: list[str], timeout: float | Non
         )
         if not r.ok:
             code = 1
-            print(
+            term.say(
                 f"fruitdask: error: step {sid} {r.state}"
                 + (f": {r.reason}" if r.reason else "")
-                + (f" (log: {r.log_file})" if r.log_file else ""),
-                file=sys.stderr,
+                + (f" (log: {r.log_file})" if r.log_file else "")
             )
     return code
 
@@ -456,21 +456,21 @@ def cmd_emr_status(args: argparse.Namespace) -> int:
         client = emr.emr_client(args.region)
         if args.wait:
             if not args.step:
-                raise UsageError("--wait needs --step STEP_ID")
+                raise InputError("--wait needs --step STEP_ID")
             return _wait_all(client, args.cluster_id, [args.step], timeout)
         d = emr.describe(client, args.cluster_id)
     except _aws_errors() as exc:
-        raise UsageError(str(exc)) from None
+        raise InputError(str(exc)) from None
     if args.json:
-        print(json.dumps(d))
+        term.result(json.dumps(d))
         return 0
-    print(
+    term.result(
         f"{d['id']} {d['name']}: {d['state']}"
         + (f" ({d['reason']})" if d["reason"] else "")
         + (f", primary {d['primary']}" if d["primary"] else "")
     )
     for s in d["steps"]:
-        print(f"  {s['id']}  {s['state']:<11} {s['name']}")
+        term.result(f"  {s['id']}  {s['state']:<11} {s['name']}")
     return 0
 
 
@@ -483,6 +483,6 @@ def cmd_emr_terminate(args: argparse.Namespace) -> int:
     try:
         emr.terminate(emr.emr_client(args.region), args.cluster_id)
     except _aws_errors() as exc:
-        raise UsageError(str(exc)) from None
-    print(f"terminating {args.cluster_id}")
+        raise InputError(str(exc)) from None
+    term.result(f"terminating {args.cluster_id}")
     return 0
