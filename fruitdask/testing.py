@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["S3Server", "free_port"]
+__all__ = ["S3Server", "committed_tables", "free_port", "result_signature"]
 
 S3_KEY = "fruitdask-test-key"
 S3_SECRET = "fruitdask-test-secret"
@@ -162,3 +162,64 @@ class S3Server:
         dest = url.removeprefix("s3://").rstrip("/")
         fs.pipe({f"{dest}/{p.relative_to(base).as_posix()}": p.read_bytes() for p in files})
         return len(files)
+
+
+# ---------------------------------------------------------------- reading a result
+def committed_tables(url: str, storage_options: dict | None = None) -> dict | None:
+    """A committed output as a careful reader sees it, or None when there is none.
+
+    The protocol: ``_SUCCESS`` names the run, its manifest lists the files,
+    every listed file is read, and ``_SUCCESS`` still names the same run
+    afterwards. Returns ``{"run_id", "manifest", "tables": {table: [pyarrow.Table]}}``.
+    """
+    import pyarrow.parquet as pq
+
+    from fruitdask import io
+    from fruitdask.errors import FruitdaskError
+    from fruitdask.output import SUCCESS, read_committed
+
+    so = dict(storage_options or {})
+    try:
+        before = (io.read_text(io.join(url, SUCCESS), so) or "").strip()
+        manifest = read_committed(url, so)
+        if not before or manifest is None or manifest["run_id"] != before:
+            return None
+        tables: dict = {}
+        for table, files in manifest["files"].items():
+            if not all(f.endswith(".parquet") for f in files):
+                continue
+            tables[table] = [
+                pq.read_table(pa_buffer(io.read_bytes(io.join(url, f), so))) for f in files
+            ]
+        after = (io.read_text(io.join(url, SUCCESS), so) or "").strip()
+    except FruitdaskError:
+        return None
+    return {"run_id": before, "manifest": manifest, "tables": tables} if after == before else None
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+def result_signature(url: str, storage_options: dict | None = None):
+    """What two equal runs share: the sorted image rows (path, status, keypoints,
+    size) and the multiset of (path, keypoint, descriptor); None when nothing is
+    committed."""
+    import collections
+
+    snap = committed_tables(url, storage_options)
+    if snap is None:
+        return None
+    images = sorted(
+        (r["path"], r["status"], r["n_keypoints"], r["width"], r["height"])
+        for t in snap["tables"]["images"]
+        for r in t.select(["path", "status", "n_keypoints", "width", "height"]).to_pylist()
+    )
+    desc = collections.Counter(
+        (r["path"], r["keypoint"], r["descriptor"])
+        for t in snap["tables"].get("descriptors", [])
+        for r in t.select(["path", "keypoint", "descriptor"]).to_pylist()
+    )
+    return images, desc

