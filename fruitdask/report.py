@@ -239,6 +239,10 @@ def _secs(x: Any) -> str:
     return "–" if x is None else f"{float(x):.2f} s"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):.1f}%"
 
@@ -568,7 +572,8 @@ def _thumb_cell(png: bytes | None, problem: str, caption: str, path: str, alt: s
         pic = f'<div class="miss">{_e(problem or "no image")}</div>'
     else:
         pic = _img(png, alt)
-    name = path.rsplit("/", 1)[-1]
+    parts = path.split("/")
+    name = f"{parts[0]}/…/{parts[-1]}" if len(parts) > 2 else path
     return (
         f'<div class="thumb" title="{_e(path)}">{pic}<div>{_e(caption)}</div>'
         f"<code>{_e(name)}</code></div>"
@@ -823,7 +828,10 @@ def _run_keypoints(df: pd.DataFrame, manifest: dict[str, Any]) -> _Section:
             items.append((f"at the cap ({nfeatures})", _num(int((k >= nfeatures).sum()))))
         body += _cards(items)
         per = ok.groupby("label")["n_keypoints"].median().sort_values()
-        if len(per) > 1:
+        if 1 < len(per) <= 6:
+            every = ", ".join(f"{_e(_label(lab))} ({v:.0f})" for lab, v in per.items())
+            body += f"<p>Median per class, fewest first: {every}.</p>"
+        elif len(per) > 6:
             few = ", ".join(f"{_e(_label(lab))} ({v:.0f})" for lab, v in per.head(3).items())
             many = ", ".join(f"{_e(_label(lab))} ({v:.0f})" for lab, v in per.tail(3)[::-1].items())
             body += f"<p>Median per class: fewest in {few}; most in {many}.</p>"
@@ -1151,7 +1159,7 @@ def _run_errors(manifest: dict[str, Any], df: pd.DataFrame, limits: ReportLimits
                     ex,
                 )
             )
-        body += f"<h3>{len(bad):,} files with errors, {len(order):,} reasons</h3>"
+        body += f"<h3>{_plural(len(bad), 'file')} with errors, {_plural(len(order), 'reason')}</h3>"
         body += _table(["files", "reason", "first message", "examples"], rows, raw=True)
         if len(order) > limits.error_groups:
             rest = int(order.iloc[limits.error_groups :].sum())
@@ -1164,7 +1172,7 @@ def _run_errors(manifest: dict[str, Any], df: pd.DataFrame, limits: ReportLimits
         some = _pick_evenly(sorted(nokp["path"]), limits.examples_per_group)
         ex = ", ".join(f"<code>{_e(p)}</code>" for p in some)
         body += (
-            f"<h3>{len(nokp):,} images without keypoints</h3><p>Sizes: "
+            f"<h3>{_plural(len(nokp), 'image')} without keypoints</h3><p>Sizes: "
             + ", ".join(f"{_e(k)} ({int(v):,})" for k, v in dims.head(5).items())
             + f". For example {ex}.</p>"
         )
