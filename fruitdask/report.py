@@ -109,7 +109,7 @@ class ReportLimits:
     error_groups: int = 20
     examples_per_group: int = 3
     confused_pairs: int = 8
-    confused_examples: int = 3
+    confused_examples: int = 2
 
 
 # ---------------------------------------------------------------- reading
@@ -773,19 +773,26 @@ def _run_images(df: pd.DataFrame) -> _Section:
     return _Section("images", "Images by status and class", body)
 
 
+def _int_edges(hi: int, bins: int) -> np.ndarray:
+    """Histogram edges on whole numbers from 0 past ``hi``, at most ``bins`` bins."""
+    width = max(1, math.ceil((hi + 1) / bins))
+    return np.arange(0, hi + width + 1, width)
+
+
 def _keypoint_chart(df: pd.DataFrame, nfeatures: int | None) -> tuple[bytes | None, str]:
     ok = df[df["status"] != "error"]
     k = ok["n_keypoints"].to_numpy(float)
     if not len(k):
         return None, _note("No decoded images.")
-    hi = max(1.0, float(k.max()))
-    edges = np.linspace(0, hi + 1, min(40, int(hi) + 2))
-    counts, edges = np.histogram(k, bins=edges)
+    tedges = _int_edges(int(k.max()), 12)
+    counts, _ = np.histogram(k, bins=tedges)
     table = _table(
         ["keypoints", "images", ""],
         [
             (
-                f"{edges[i]:.0f}–{edges[i + 1]:.0f}",
+                f"{tedges[i]}"
+                if tedges[i + 1] - tedges[i] == 1
+                else f"{tedges[i]}–{tedges[i + 1] - 1}",
                 f"{int(c):,}",
                 _bar(float(c), float(counts.max())),
             )
@@ -794,6 +801,7 @@ def _keypoint_chart(df: pd.DataFrame, nfeatures: int | None) -> tuple[bytes | No
         cls="num",
         raw=True,
     )
+    edges = _int_edges(int(k.max()), 40)
     if _mpl() is None:
         return None, table
     fig = _new_fig(10, 3.6)
@@ -801,7 +809,7 @@ def _keypoint_chart(df: pd.DataFrame, nfeatures: int | None) -> tuple[bytes | No
     ax.hist(k, bins=edges, color="#4a7fb5")
     med = float(np.median(k))
     ax.axvline(med, color="#1d2330", linestyle="--", linewidth=1, label=f"median {med:.0f}")
-    if nfeatures and nfeatures <= hi * 1.05:
+    if nfeatures and nfeatures <= float(k.max()) * 1.05:
         ax.axvline(nfeatures, color="#c8382d", linewidth=1, label=f"nfeatures cap {nfeatures}")
     ax.set_xlabel("ORB keypoints per image")
     ax.set_ylabel("images")
@@ -941,30 +949,31 @@ def _scatter_sample(
 ) -> tuple[pd.DataFrame, list[str], int]:
     """(label, pc1, pc2) of a bounded, class-balanced sample of features/ rows;
     the classes shown, and the number of files read."""
-    files = (manifest.get("files") or {}).get("features") or []
+    listed = manifest.get("files") or {}
+    files = listed.get("features") or []
     ok = df[(df["n_keypoints"] > 0) & (df["part"] < len(files))]
     if not len(ok) or not files:
         return pd.DataFrame(columns=["label", "pc1", "pc2"]), [], 0
     labels = _pick_evenly(sorted(ok["label"].unique()), limits.sample_classes)
-    rows_per_part = ok.groupby("part")["n_keypoints"].sum()
-    by_label = ok[ok["label"].isin(labels)].groupby(["label", "part"])["n_keypoints"].sum()
-    parts: list[int] = []
-    budget = limits.scatter_rows
-    shown: list[str] = []
-    for lab in labels:
-        cand = by_label.loc[lab].sort_values(ascending=False)
-        have = [p for p in cand.index if p in parts]
-        if have:
-            shown.append(lab)
-            continue
-        p = int(cand.index[0])
-        if rows_per_part[p] <= budget:
-            parts.append(p)
-            budget -= int(rows_per_part[p])
-            shown.append(lab)
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    if names == [f.rsplit("/", 1)[-1] for f in listed.get("images") or []]:
+        # features part i holds the keypoints of images part i: read, for each
+        # class shown, the part with most of its keypoints, within the row budget
+        rows_per_part = ok.groupby("part")["n_keypoints"].sum()
+        by_label = ok[ok["label"].isin(labels)].groupby(["label", "part"])["n_keypoints"].sum()
+        parts: list[int] = []
+        budget = limits.scatter_rows
+        for lab in labels:
+            cand = by_label.loc[lab].sort_values(ascending=False)
+            if any(p in parts for p in cand.index):
+                continue
+            p = int(cand.index[0])
+            if rows_per_part[p] <= budget:
+                parts.append(p)
+                budget -= int(rows_per_part[p])
+    else:  # another engine's partitioning: a few files spread over the output
+        parts = _pick_evenly(list(range(len(files))), 8)
     tables = _read_tables(output_url, [files[p] for p in parts], so, ["label", "pca"])
-    rng = np.random.default_rng(0)
-    per = max(1, limits.scatter_points // max(1, len(shown)))
     out = []
     for t in tables:
         lab = np.asarray(t.column("label").to_pylist(), dtype=object)
@@ -979,7 +988,12 @@ def _scatter_sample(
     if not out:
         return pd.DataFrame(columns=["label", "pc1", "pc2"]), [], len(parts)
     allrows = pd.concat(out, ignore_index=True)
-    allrows = allrows[allrows["label"].isin(shown)]
+    allrows = allrows[allrows["label"].isin(labels)]
+    shown = sorted(allrows["label"].unique())
+    if not shown:
+        return pd.DataFrame(columns=["label", "pc1", "pc2"]), [], len(parts)
+    rng = np.random.default_rng(0)
+    per = max(1, limits.scatter_points // len(shown))
     picked = []
     for _lab, g in allrows.groupby("label", sort=True):
         take = (
@@ -1462,7 +1476,7 @@ def _confusion_chart(cm: np.ndarray, labels: Sequence[str], title: str) -> bytes
     """A row-normalised confusion matrix of bounded size."""
     n = len(labels)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    side = min(11.0, max(5.0, 0.22 * n + 3.0))
+    side = min(11.0 if n <= 80 else 8.0, max(5.0, 0.22 * n + 3.0))
     fig = _new_fig(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")

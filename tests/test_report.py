@@ -303,6 +303,19 @@ def test_limits_bound_the_samples(outputs):
     assert len(page.sections["samples"]) == 2
 
 
+def test_samples_of_a_packed_input(data, dask_client, tmp_path):
+    from fruitdask import pack
+
+    packed = str(tmp_path / "packed")
+    pack.pack(str(data), packed, dask_client, shard_size=40, row_group_size=16)
+    out = str(tmp_path / "out")
+    pipeline.run(RunConfig(input=packed, output=out), dask_client)
+    text = report.build_report(out)
+    page = Page(text)
+    assert len(page.sections["samples"]) >= 4  # thumbnails read from the shards
+    assert "Cannot read the input" not in text and 'class="miss"' not in text
+
+
 # ---------------------------------------------------------------- train / evaluate
 def test_train_report_holds_the_feature_run(pages):
     page = Page(pages["train"])
