@@ -343,6 +343,7 @@ figure img{max-width:100%;height:auto;display:block}
 figcaption{color:var(--muted);font-size:13px;margin-top:2px}
 .grid{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 10px}
 .thumb{width:148px;font-size:12px;line-height:1.3;color:var(--muted);overflow-wrap:anywhere}
+.thumb code{font-size:11px}
 .thumb img{display:block;border:1px solid var(--line);margin-bottom:2px}
 .thumb .miss{width:128px;height:128px;border:1px dashed #c8382d;color:#c8382d;padding:6px;
 display:flex;align-items:center;font-size:11px;overflow:hidden}
@@ -572,8 +573,7 @@ def _thumb_cell(png: bytes | None, problem: str, caption: str, path: str, alt: s
         pic = f'<div class="miss">{_e(problem or "no image")}</div>'
     else:
         pic = _img(png, alt)
-    parts = path.split("/")
-    name = f"{parts[0]}/…/{parts[-1]}" if len(parts) > 2 else path
+    name = path.rsplit("/", 1)[-1]
     return (
         f'<div class="thumb" title="{_e(path)}">{pic}<div>{_e(caption)}</div>'
         f"<code>{_e(name)}</code></div>"
@@ -1118,13 +1118,16 @@ def _run_samples(
     blocks = []
     for name, g in groups:
         cells = []
-        for path, n_rec, lab in zip(g["path"], g["n_keypoints"], g["label"], strict=True):
+        rows = zip(g["path"], g["n_keypoints"], g["label"], g["split"], strict=True)
+        for path, n_rec, lab, split in rows:
             png, prob, found = _thumbnail(got[path], limits.thumb_px, params, params.max_pixels)
             mism = found is not None and found != int(n_rec)
             mismatched += int(mism)
             kp = f"{int(n_rec)} keypoints" + (f" (now {found})" if mism else "")
             if name == "without keypoints":
                 kp = _label(lab)
+            if isinstance(split, str) and split:
+                kp += f" · {split}"
             cells.append(_thumb_cell(png, prob, kp, path, f"{_label(lab)}: {path}"))
         blocks.append(_block(_e(name), cells))
     body += f'<div class="blocks">{"".join(blocks)}</div>'
