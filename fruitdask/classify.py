@@ -35,7 +35,7 @@ from fruitdask import encode, io, metrics, pipeline
 from fruitdask.bovw import Encoder, fit_vocabulary
 from fruitdask.cancel import StopToken
 from fruitdask.config import RunConfig
-from fruitdask.errors import FruitdaskError, ModelError, StorageError
+from fruitdask.errors import FruitdaskError, InputError, ModelError, StorageError
 from fruitdask.features import DEFAULT_MAX_PIXELS, max_file_bytes
 from fruitdask.model import (
     CLASSIFIERS,
@@ -61,6 +61,8 @@ __all__ = [
     "EvaluationSummary",
     "TrainOptions",
     "TrainSummary",
+    "check_evaluation",
+    "check_training",
     "evaluate",
     "evaluation_rows",
     "load_model",
@@ -208,6 +210,15 @@ class TrainSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def check_training(url: str, rows: pd.DataFrame) -> None:
+    """Refuse training rows without at least two labels, with one line."""
+    if len(rows) == 0:
+        raise ModelError(f"{url}: no labelled images (expected Training/<label>/<image>)")
+    n = rows["label"].nunique()
+    if n < 2:
+        raise ModelError(f"{url}: training needs at least 2 labels, found {n}")
+
+
 def training_rows(listing: pd.DataFrame) -> pd.DataFrame:
     """The Training split (or every image when the input has no split folders),
     labelled images only."""
@@ -220,13 +231,17 @@ def training_rows(listing: pd.DataFrame) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def evaluation_rows(listing: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The Test split (or every labelled image when there is none), and its name."""
+def evaluation_rows(listing: pd.DataFrame) -> pd.DataFrame:
+    """The Test split (or every labelled image when there is none)."""
     test = (listing["split"] == "Test").fillna(False).astype(bool)
-    split = "Test" if test.any() else "all"
-    rows = listing[test] if split == "Test" else listing
+    rows = listing[test] if test.any() else listing
     rows = rows[(rows["label"].fillna("") != "").astype(bool)]
-    return rows.reset_index(drop=True), split
+    return rows.reset_index(drop=True)
+
+
+def check_evaluation(url: str, rows: pd.DataFrame) -> None:
+    if len(rows) == 0:
+        raise InputError(f"{url}: no labelled images to evaluate (expected Test/<label>/...)")
 
 
 def prepare_output(
@@ -286,15 +301,16 @@ def train(
     cfg: RunConfig,
     client,
     opts: TrainOptions,
-    rows: pd.DataFrame,
-    out: OutputDir,
+    rows: pd.DataFrame | None = None,
+    out: OutputDir | None = None,
     progress=None,
     log=None,
     stop: StopToken | None = None,
     timer: pipeline.Timer | None = None,
 ) -> TrainSummary:
-    """Train a model on ``rows`` (:func:`training_rows` of ``cfg.input``); commit it
-    in ``out`` (:func:`prepare_output`, locked).
+    """Train a model on ``rows`` (:func:`training_rows` of ``cfg.input``, listed
+    here when not given); commit it in ``out`` (:func:`prepare_output` of
+    ``cfg.output`` when not given).
 
     Raises
     ------
@@ -304,6 +320,12 @@ def train(
     say = log or (lambda _msg: None)
     stop = stop or StopToken()
     timer = timer or pipeline.Timer()
+    if rows is None:
+        rows = training_rows(pipeline.list_input(cfg))
+    check_training(cfg.input, rows)
+    if out is None:
+        out = prepare_output(cfg.output, cfg.out_storage_options, TRAIN_FORMAT,
+                             {"input": (cfg.input, cfg.storage_options)}, stop)  # fmt: skip
     assert out.lease is not None, "prepare_output() locks the output first"
     run_id = out.lease.run_id
     so_out = out.so
@@ -474,21 +496,31 @@ def _run_name(name: str, run_id: str) -> str:
 def evaluate(
     model: Model,
     input_url: str,
-    rows: pd.DataFrame,
-    split: str,
-    out: OutputDir,
+    output: str,
     client,
     storage_options: dict[str, Any] | None = None,
+    rows: pd.DataFrame | None = None,
+    out: OutputDir | None = None,
     partition_size: int = 1000,
     progress=None,
     stop: StopToken | None = None,
     timer: pipeline.Timer | None = None,
 ) -> EvaluationSummary:
-    """Evaluate ``model`` on ``rows`` (:func:`evaluation_rows` of ``input_url``);
-    commit ``report.md``, ``confusion.png`` (with matplotlib), ``confusion.csv``,
-    ``per_class.csv``, ``predictions.parquet`` and the manifest in ``out``."""
+    """Evaluate ``model`` on the Test split of ``input_url`` (``rows``, from
+    :func:`evaluation_rows`, listed here when not given); commit ``report.md``,
+    ``confusion.png`` (with matplotlib), ``confusion.csv``, ``per_class.csv``,
+    ``predictions.parquet`` and the manifest in ``output`` (``out``, its
+    :func:`prepare_output`, when given)."""
     stop = stop or StopToken()
     timer = timer or pipeline.Timer()
+    so = dict(storage_options or {})
+    if rows is None:
+        listing = pipeline.list_input(RunConfig(input=input_url, storage_options=so))
+        rows = evaluation_rows(listing)
+    check_evaluation(input_url, rows)
+    split = "Test" if (rows["split"] == "Test").fillna(False).astype(bool).any() else "all"
+    if out is None:
+        out = prepare_output(output, so, EVAL_FORMAT, {"input": (input_url, so)}, stop)
     assert out.lease is not None, "prepare_output() locks the output first"
     run_id = out.lease.run_id
     run = out.start(run_id, {"model": model.meta.get("run_id"), "input": input_url}, [],

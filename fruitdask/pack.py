@@ -32,7 +32,7 @@ from fruitdask.errors import OutputExistsError, retrying, translate
 from fruitdask.output import OutputDir, RunState, new_run_id, read_committed, recordable_options
 from fruitdask.partition import plan_shards
 
-__all__ = ["PACK_SCHEMA", "PackJob", "PackSummary", "pack", "preflight"]
+__all__ = ["PACK_SCHEMA", "PackJob", "PackSummary", "pack", "preflight", "run_pack"]
 
 PACK_SCHEMA = pa.schema(
     [
@@ -169,6 +169,34 @@ def _index(listing: pd.DataFrame, ranges: list[tuple[int, int]], rg: int, run: R
 
 
 def pack(
+    src: str,
+    dst: str,
+    client,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    shard_size: int = 5000,
+    row_group_size: int = 250,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int, int], None] | None = None,
+    stop: StopToken | None = None,
+) -> PackSummary:
+    """Pack the images under ``src`` into Parquet shards under ``dst``, on a Dask
+    cluster (S3 to S3 works: no image bytes pass the client).
+
+    Without ``overwrite`` an interrupted pack of the same source resumes and a
+    finished one is left alone (see :func:`preflight`).
+    """
+    job = preflight(src, dst, storage_options, dst_storage_options, shard_size,
+                    row_group_size, overwrite, stop)  # fmt: skip
+    try:
+        if job.already_complete:
+            return job.summary
+        return run_pack(job, client, shard_size, row_group_size, progress, stop)
+    finally:
+        job.out.release()
+
+
+def run_pack(
     job: PackJob,
     client,
     shard_size: int = 5000,
@@ -176,10 +204,7 @@ def pack(
     progress: Callable[[str, int, int, int], None] | None = None,
     stop: StopToken | None = None,
 ) -> PackSummary:
-    """Pack ``job``'s source into shards on a Dask cluster and commit them.
-
-    No image bytes pass the client (S3 to S3 included).
-    """
+    """Pack ``job``'s source (:func:`preflight`) into shards and commit them."""
     t0 = time.perf_counter()
     stop = stop or StopToken()
     out, listing, summary = job.out, job.listing, job.summary

@@ -93,6 +93,8 @@ class RunSummary:
     pca: dict[str, Any] = field(default_factory=dict)
     files: dict[str, list[str]] = field(default_factory=dict)
     already_complete: bool = False
+    #: Where the HTML report was written (by the CLI, after the commit).
+    report: str | None = None
 
     @property
     def seconds(self) -> float:

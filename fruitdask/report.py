@@ -39,8 +39,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from fruitdask import io
-from fruitdask.errors import InputError
+from fruitdask import io, source
+from fruitdask.errors import InputError, StorageError, one_line
+from fruitdask.output import read_committed
 
 __all__ = [
     "EVAL_FORMAT",
@@ -49,12 +50,10 @@ __all__ = [
     "TRAIN_FORMAT",
     "ReportError",
     "ReportLimits",
-    "add_report_arguments",
     "build_evaluation_report",
     "build_report",
     "build_run_report",
     "build_train_report",
-    "cmd_report",
     "read_manifest",
     "write_report",
 ]
@@ -127,34 +126,22 @@ def _read_json(url: str, so: Options) -> dict[str, Any] | None:
 
 
 def read_manifest(output_url: str, storage_options: Options = None) -> dict[str, Any]:
-    """The manifest of a finished output, read by the commit protocol.
-
-    ``_SUCCESS`` first, then ``manifest.json``, whose ``run_id`` must be the one
-    ``_SUCCESS`` names (for ``run`` and ``train`` outputs; an evaluation output
-    has no ``_SUCCESS`` and its manifest, written last, is the marker).
+    """The manifest of the run in force at ``output_url``, read by the commit
+    protocol (``_SUCCESS`` -> its manifest, :func:`fruitdask.output.read_committed`).
 
     Raises
     ------
     ReportError
-        No manifest, no ``_SUCCESS``, a run id mismatch (the output is being
-        rewritten) or an unknown format.
+        Nothing committed there (unfinished, failed, or not a fruitdask
+        output), or an output of a format this module does not know.
     StorageError
         The output cannot be read.
     """
-    success = io.read_text(io.join(output_url, "_SUCCESS"), storage_options)
-    manifest = _read_json(io.join(output_url, "manifest.json"), storage_options)
+    manifest = read_committed(output_url, storage_options)
     if manifest is None:
-        raise ReportError(f"{output_url}: no manifest.json (not a finished fruitdask output)")
+        raise ReportError(f"{output_url}: no committed result (no _SUCCESS and its manifest)")
     fmt = manifest.get("format")
-    if fmt in (RUN_FORMAT, TRAIN_FORMAT):
-        if success is None:
-            raise ReportError(f"{output_url}: no _SUCCESS (the run is unfinished or failed)")
-        if success.strip() != manifest.get("run_id"):
-            raise ReportError(
-                f"{output_url}: _SUCCESS names run {success.strip()!r} but manifest.json "
-                f"run {manifest.get('run_id')!r} (being rewritten? try again when it finishes)"
-            )
-    elif fmt != EVAL_FORMAT:
+    if fmt not in (RUN_FORMAT, TRAIN_FORMAT, EVAL_FORMAT):
         raise ReportError(f"{output_url}: unknown output format {fmt!r}")
     return manifest
 
@@ -188,27 +175,28 @@ def _frame(tables: list[pa.Table], columns: Sequence[str]) -> pd.DataFrame:
 def _read_input_images(
     input_url: str, paths: Sequence[str], so: Options
 ) -> tuple[list[bytes | Exception], str | None]:
-    """Bytes of ``paths`` (relative to the input), or ``([], reason)`` when the
-    input cannot be read at all (moved, deleted, unreachable, no credentials)."""
+    """Bytes of ``paths`` (relative to the input; a pack is read like its tree),
+    or ``([], reason)`` when the input cannot be read at all (moved, deleted,
+    unreachable, no credentials)."""
     if not paths:
         return [], None
     try:
-        if not io.exists(input_url, so):
-            return [], f"{input_url}: not found (moved or deleted since the run?)"
-        if io.exists(io.join(input_url, io.PACK_INDEX), so):
-            index = io.read_table(io.join(input_url, io.PACK_INDEX), so).to_pandas()
+        if source.is_packed_url(input_url, so):
+            index = source.list_input(input_url, so)
             index = index.drop_duplicates("path").set_index("path", drop=False)
             known = [p for p in paths if p in index.index]
-            got = dict(zip(known, io.read_images(input_url, index.loc[known], so), strict=True))
+            rows = index.loc[known].reset_index(drop=True)
+            got = dict(zip(known, source.iter_images(input_url, rows, so), strict=True))
             return [got.get(p, FileNotFoundError(p)) for p in paths], None
-        return io.read_bytes(input_url, list(paths), so), None
+        if not io.exists(input_url, so):
+            return [], f"{input_url}: not found (moved or deleted since the run?)"
+        return list(io.iter_objects(input_url, list(paths), so, max_bytes=_MAX_SAMPLE_BYTES)), None
     except Exception as exc:  # noqa: BLE001 - the report says why instead of failing
-        return [], _one_line(exc)
+        return [], one_line(exc)
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+#: Sample images larger than this are not drawn (a report stays small and quick).
+_MAX_SAMPLE_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -534,7 +522,7 @@ def _thumbnail(
     from fruitdask import features
 
     if isinstance(data, BaseException):
-        return None, _one_line(data), None
+        return None, one_line(data), None
     try:
         gray = features.decode_gray(data, max_pixels)
     except ValueError as exc:
@@ -866,7 +854,7 @@ def _run_pca(output_url: str, manifest: dict[str, Any], so: Options) -> tuple[_S
             if model is None:
                 problem = f"{files[0]} is missing"
         except Exception as exc:  # noqa: BLE001 - the section says so
-            problem = f"{files[0]}: {_one_line(exc)}"
+            problem = f"{files[0]}: {one_line(exc)}"
     items = [
         ("method", pca.get("method", "–")),
         ("components", _num(pca.get("n_components"))),
@@ -1019,7 +1007,7 @@ def _run_scatter(
         return _Section(
             "pca-scatter",
             "PCA: first two components",
-            _note(f"Cannot read features/: {_one_line(exc)}"),
+            _note(f"Cannot read features/: {one_line(exc)}"),
         )
     if not len(pts):
         return _Section("pca-scatter", "PCA: first two components", _note("No keypoints to show."))
@@ -1375,7 +1363,7 @@ def _word_usage(
             output_url, [files[p] for p in parts], so, ["histogram", "n_keypoints"]
         )
     except Exception as exc:  # noqa: BLE001 - the section says so
-        return _note(f"Cannot read the histograms: {_one_line(exc)}")
+        return _note(f"Cannot read the histograms: {one_line(exc)}")
     sums, rows = None, 0
     for t in tables:
         col = t.column("histogram").combine_chunks()
@@ -1437,7 +1425,7 @@ def build_train_report(
     try:
         pman = read_manifest(purl, so)
         _expect(pman, RUN_FORMAT, purl)
-    except (ReportError, io.StorageError) as exc:
+    except (ReportError, StorageError) as exc:
         sections.append(_Section("features-part", "Feature run", _note(f"Not shown: {exc}")))
     else:
         sections.append(
@@ -1519,7 +1507,7 @@ def _eval_sections(
     input_so: Options,
     limits: ReportLimits,
 ) -> list[_Section]:
-    from fruitdask.classify import compute_metrics
+    from fruitdask.metrics import compute_metrics
 
     c = manifest.get("counts") or {}
     base = manifest.get("baseline") or {}
@@ -1579,10 +1567,12 @@ def _eval_sections(
     sections.append(_Section("accuracy", "Accuracy", body))
 
     # predictions -> confusion matrix and confused pairs
-    files = manifest.get("files") or []
+    listed = manifest.get("files") or {}
+    names = listed.get("evaluation", []) if isinstance(listed, dict) else listed
+    predictions = [f for f in names if str(f).startswith("predictions")]
     pred = None
-    if "predictions.parquet" in files:
-        pred = io.read_table(io.join(output_url, "predictions.parquet"), so).to_pandas()
+    if predictions:
+        pred = io.read_table(io.join(output_url, predictions[0]), so).to_pandas()
     labels = list((manifest.get("per_class") or {}).keys())
     if pred is not None and len(pred):
         y_true = [str(x) for x in pred["label"]]
@@ -1796,59 +1786,3 @@ def write_report(
     url = to or io.join(output_url, REPORT_FILE)
     io.write_bytes(url, page.encode("utf-8"), storage_options)
     return url
-
-
-# ---------------------------------------------------------------- CLI glue (draft)
-def add_report_arguments(p: Any) -> None:
-    """Arguments of ``fruitdask report OUT``; the storage ones (``--endpoint-url``,
-    ``--anon``, ``--storage-option``) come from the CLI's shared storage group."""
-    p.add_argument("output", metavar="OUT", help="a finished run, train or evaluate output")
-    p.add_argument("--to", metavar="URL", help=f"write the report here (default OUT/{REPORT_FILE})")
-    p.add_argument(
-        "--input-storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec option for reading the run's input images (default: the output's options)",
-    )
-    p.add_argument(
-        "--sample-classes",
-        type=int,
-        default=ReportLimits.sample_classes,
-        help="classes shown in the image grid and the PCA scatter",
-    )
-    p.add_argument(
-        "--images-per-class",
-        type=int,
-        default=ReportLimits.images_per_class,
-        help="example images per class",
-    )
-
-
-def cmd_report(args: Any, storage_options: dict[str, Any]) -> int:
-    """``fruitdask report``: write the report and print one line with its URL.
-
-    ``storage_options`` is what the CLI builds from its storage group
-    (``storage_options_from_args(args)``). Errors (:class:`ReportError`,
-    StorageError) are the caller's to print as one line, exit 2.
-    """
-    input_so: dict[str, Any] | None = None
-    if getattr(args, "input_storage_option", None):
-        input_so = {}
-        for item in args.input_storage_option:
-            if "=" not in item:
-                raise InputError(f"--input-storage-option expects key=value, got {item!r}")
-            key, value = item.split("=", 1)
-            try:
-                input_so[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                input_so[key.strip()] = value
-    limits = ReportLimits(
-        sample_classes=max(0, int(getattr(args, "sample_classes", ReportLimits.sample_classes))),
-        images_per_class=max(
-            0, int(getattr(args, "images_per_class", ReportLimits.images_per_class))
-        ),
-    )
-    t = time.perf_counter()
-    url = write_report(args.output, storage_options, input_so, limits, to=getattr(args, "to", None))
-    print(f"report: {url} ({time.perf_counter() - t:.1f}s)")
-    return 0

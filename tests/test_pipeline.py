@@ -8,22 +8,31 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.dataset as ds
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from fruitdask import features, io, pipeline
 from fruitdask.config import RunConfig
+from fruitdask.errors import OutputExistsError
+from fruitdask.output import STATE_DIR
 from fruitdask.pca import PcaModel, exact_pca, moments, principal_angles
+from fruitdask.testing import committed_tables
 
 
 def _read(out: str | Path, table: str, so=None):
-    """Read a table the way a careful reader does: the files the manifest lists."""
-    fs, root = io.filesystem(str(out), so)
-    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
-    assert fs.cat_file(f"{root}/_SUCCESS").decode().strip() == manifest["run_id"]
-    files = [f"{root}/{f}" for f in manifest["files"][table]]
-    return ds.dataset(files, format="parquet", filesystem=fs).to_table()
+    """Read a table the way a careful reader does: _SUCCESS -> manifest -> its files."""
+    snap = committed_tables(str(out), so)
+    assert snap is not None, f"{out}: nothing committed"
+    return pa.concat_tables(snap["tables"][table])
+
+
+def _no_run_state(out: str, so=None) -> None:
+    """After a commit: no run state, no lock (only the committed manifest stays)."""
+    fs, root = io.filesystem(io.join(out, STATE_DIR), so)
+    fs.invalidate_cache()
+    left = [p for p in fs.find(root) if "/manifests/" not in p]
+    assert left == [], left  # (SeaweedFS may keep empty "folders": find lists objects)
 
 
 def _reference(root: Path, params=None):
@@ -90,7 +99,7 @@ def test_local_run_matches_plain_loop(dask_client, sample_dir, tmp_path):
     assert manifest["counts"]["images"] == len(ref_rows)
     assert manifest["engine"] == "dask"
     assert set(manifest["timings"]) >= {"listing", "extract", "pca_fit", "transform_write"}
-    assert not (out / pipeline.STATE_DIR).exists()
+    _no_run_state(str(out))
 
 
 def test_exact_pca_option(dask_client, sample_dir, tmp_path):
@@ -203,7 +212,7 @@ def test_refuses_existing_output_and_overwrites_cleanly(dask_client, sample_dir,
     out = tmp_path / "out"
     cfg = RunConfig(input=str(sample_dir), output=str(out))
     first = pipeline.run(cfg, dask_client)
-    with pytest.raises(pipeline.OutputExistsError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         pipeline.run(cfg, dask_client)
     second = pipeline.run(cfg.with_(overwrite=True), dask_client)
     assert second.run_id != first.run_id
@@ -212,15 +221,6 @@ def test_refuses_existing_output_and_overwrites_cleanly(dask_client, sample_dir,
         names = [p.name for p in (out / table).iterdir()]
         assert names and all(second.run_id in n for n in names), names
     assert [p.name for p in (out / "model").iterdir()] == [f"pca-{second.run_id}.json"]
-
-
-def test_plan_partitions():
-    assert pipeline.plan_partitions(0, 10, 2) == []
-    parts = pipeline.plan_partitions(10_000, 1000, 2)
-    assert len(parts) == 10 and parts[0] == (0, 1000) and parts[-1] == (9000, 10_000)
-    small = pipeline.plan_partitions(100, 1000, 2)
-    assert len(small) == 4  # two per thread, so both cores work
-    assert sum(b - a for a, b in small) == 100
 
 
 @pytest.mark.s3
@@ -237,9 +237,7 @@ def test_s3_to_s3_matches_local(dask_client, s3, sample_dir, tmp_path):
     assert _descriptor_multiset(desc) == collections.Counter(ref_desc)
     fs = s3.fs()
     assert fs.exists(f"{bucket.removeprefix('s3://')}/out/_SUCCESS")
-    # no state objects left (SeaweedFS may keep the empty "directory" itself)
-    state = f"{bucket.removeprefix('s3://')}/out/{pipeline.STATE_DIR}"
-    assert [p for p in fs.find(state) if p.rstrip("/") != state] == []
+    _no_run_state(f"{bucket}/out", s3.storage_options)
     # and an existing S3 output is refused too
-    with pytest.raises(pipeline.OutputExistsError):
+    with pytest.raises(OutputExistsError):
         pipeline.run(cfg, dask_client)

@@ -348,17 +348,18 @@ def _fake_output(tmp_path: Path, manifest: dict, success: str | None) -> str:
 
 def test_refuses_unfinished_or_mixed_outputs(outputs, tmp_path):
     good = json.loads(Path(outputs["run"], "manifest.json").read_text())
-    with pytest.raises(report.ReportError, match="no _SUCCESS"):
+    with pytest.raises(report.ReportError, match="no committed result"):
         report.build_report(_fake_output(tmp_path / "a", good, None))
-    with pytest.raises(report.ReportError, match="_SUCCESS names run 'other'"):
+    with pytest.raises(report.ReportError, match="no committed result"):
         report.build_report(_fake_output(tmp_path / "b", good, "other"))
-    with pytest.raises(report.ReportError, match="no manifest.json"):
+    with pytest.raises(report.ReportError, match="no committed result"):
         report.build_report(str(tmp_path))
     with pytest.raises(report.ReportError, match="unknown output format"):
-        report.build_report(_fake_output(tmp_path / "c", {"format": "x/1"}, "r"))
+        report.build_report(_fake_output(tmp_path / "c", {"format": "x/1", "run_id": "r"}, "r"))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "manifest.json").write_text("{not json")
-    with pytest.raises(report.ReportError, match="not valid JSON"):
+    (tmp_path / "d" / "_SUCCESS").write_text("r\n")
+    with pytest.raises(report.ReportError, match="no committed result"):
         report.build_report(str(tmp_path / "d"))
     with pytest.raises(report.ReportError, match="not 'fruitdask-train/1'"):
         report.build_train_report(outputs["run"])

@@ -49,7 +49,7 @@ __all__ = [
     "term",
 ]
 
-_GROUPS = ("run", "bovw", "aws")
+_GROUPS = ("run", "bovw", "report", "aws")
 
 
 def build_parser() -> Parser:

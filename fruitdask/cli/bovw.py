@@ -26,6 +26,7 @@ from fruitdask.cli._common import (
     storage_options_from_args,
     term,
 )
+from fruitdask.cli.report import write_report_quietly
 from fruitdask.errors import InputError
 
 __all__ = ["register"]
@@ -151,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         listing = pipeline.list_input(cfg)
         rows = classify.training_rows(listing)
-        _check_training(cfg.input, rows)
+        classify.check_training(cfg.input, rows)
         out = classify.prepare_output(cfg.output, cfg.out_storage_options, classify.TRAIN_FORMAT,
                                       {"input": (cfg.input, cfg.storage_options)}, stop)  # fmt: skip
         timer = pipeline.Timer(startup=0.0, listing=time.perf_counter() - t)
@@ -164,10 +165,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 timer.seconds["startup"] = startup
                 _dashboard(client, args.quiet)
                 progress = None if args.quiet else ProgressPrinter()
-                return classify.train(cfg, client, opts, rows, out, progress,
-                                      None if args.quiet else term.say, stop, timer)  # fmt: skip
+                summary = classify.train(cfg, client, opts, rows, out, progress,
+                                         None if args.quiet else term.say, stop, timer)  # fmt: skip
         finally:
             out.release()
+        write_report_quietly(cfg.output, cfg.out_storage_options, cfg.storage_options)
+        return summary
 
     s = Supervisor().run(body)
     if args.json:
@@ -188,16 +191,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"model: {display_url(s.model_url)}"
     )
     return 0
-
-
-def _check_training(url: str, rows) -> None:
-    from fruitdask.errors import ModelError
-
-    if len(rows) == 0:
-        raise ModelError(f"{url}: no labelled images (expected Training/<label>/<image>)")
-    n = rows["label"].nunique()
-    if n < 2:
-        raise ModelError(f"{url}: training needs at least 2 labels, found {n}")
 
 
 def _dashboard(client, quiet: bool) -> None:
@@ -223,10 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def body(stop):
         t = time.perf_counter()
         listing = pipeline.list_input(RunConfig(input=args.input, storage_options=so))
-        rows, split = classify.evaluation_rows(listing)
-        if len(rows) == 0:
-            raise InputError(f"{args.input}: no labelled images to evaluate "
-                             "(expected Test/<label>/...)")  # fmt: skip
+        rows = classify.evaluation_rows(listing)
+        classify.check_evaluation(args.input, rows)
         out = classify.prepare_output(args.output, so, classify.EVAL_FORMAT,
                                       {"input": (args.input, so)}, stop)  # fmt: skip
         timer = pipeline.Timer(startup=0.0, listing=time.perf_counter() - t)
@@ -235,10 +226,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 timer.seconds["startup"] = startup
                 _dashboard(client, args.quiet)
                 progress = None if args.quiet else ProgressPrinter()
-                return classify.evaluate(model, args.input, rows, split, out, client, so,
-                                         args.partition_size, progress, stop, timer)  # fmt: skip
+                summary = classify.evaluate(model, args.input, args.output, client, so, rows, out,
+                                            args.partition_size, progress, stop, timer)  # fmt: skip
         finally:
             out.release()
+        write_report_quietly(args.output, so, so)
+        return summary
 
     s = Supervisor().run(body)
     m = s.metrics

@@ -25,6 +25,7 @@ from fruitdask.cli._common import (
     storage_options_from_args,
     term,
 )
+from fruitdask.cli.report import write_report_quietly
 from fruitdask.errors import InputError
 
 __all__ = ["register"]
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--no-descriptors", action="store_true", help="do not keep the raw descriptors/ table"
     )
+    r.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     r.add_argument("--json", action="store_true", help="print the summary as one JSON document")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_storage_arguments(r)
@@ -119,6 +121,7 @@ def _summary_json(summary) -> dict[str, Any]:
         "timings": summary.timings,
         "images_per_s": round(summary.images_per_s, 1),
         "pca": summary.pca,
+        "report": summary.report,
     }
 
 
@@ -138,6 +141,7 @@ def _summary_text(summary) -> str:
         f"(exact {p.get('exact_explained_variance_ratio', 0):.4f}, "
         f"max angle to exact {p.get('max_principal_angle_to_exact_deg', 0):.2f} deg)\n"
         f"output: {display_url(summary.output)}"
+        + (f"\nreport: {display_url(summary.report)}" if summary.report else "")
     )
 
 
@@ -193,9 +197,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _show_dashboard(client, args.quiet)
                 with performance_report(args.report):
                     progress = None if args.quiet else ProgressPrinter()
-                    return pipeline.run(cfg, client, progress, stop, listing, out, timer)
+                    summary = pipeline.run(cfg, client, progress, stop, listing, out, timer)
         finally:
             out.release()
+        if not summary.already_complete and not args.no_report:
+            summary.report = write_report_quietly(
+                cfg.output, cfg.out_storage_options, cfg.storage_options
+            )
+        return summary
 
     summary = Supervisor().run(body)
     if summary.already_complete:
@@ -227,15 +236,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
     spec = cluster_spec(args)
 
     def body(stop):
-        job = pack.preflight(args.src, args.dst, so, overwrite=args.overwrite, stop=stop)
+        job = pack.preflight(args.src, args.dst, so, None, args.shard_size, args.row_group_size,
+                             args.overwrite, stop)  # fmt: skip
         try:
             if job.already_complete:
                 return job.summary
             with open_cluster(spec, stop) as (client, _):
                 _show_dashboard(client, args.quiet)
                 progress = None if args.quiet else ProgressPrinter()
-                return pack.pack(job, client, args.shard_size, args.row_group_size,
-                                 progress=progress, stop=stop)  # fmt: skip
+                return pack.run_pack(job, client, args.shard_size, args.row_group_size,
+                                     progress, stop)  # fmt: skip
         finally:
             job.out.release()
 
