@@ -298,5 +298,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     import dask.config
     import yaml
 
-    term.result(yaml.safe_dump({"fruitdask": dask.config.get("fruitdask")}, sort_keys=False))
+    def dashed(d):  # DASK_FRUITDASK__PARTITION_SIZE arrives as partition_size
+        return {str(k).replace("_", "-"): dashed(v) if isinstance(v, dict) else v
+                for k, v in d.items()}  # fmt: skip
+
+    term.result(yaml.safe_dump({"fruitdask": dashed(dask.config.get("fruitdask"))},
+                               sort_keys=False))  # fmt: skip
     return 0
