@@ -209,7 +209,14 @@ def preflight(cfg: RunConfig, stop: StopToken | None = None) -> tuple[pd.DataFra
     if the run does not go ahead.
     """
     listing = list_input(cfg)
-    return listing, lock_output(cfg, stop)
+    out = lock_output(cfg, stop)
+    if cfg.resume and out.resumable() is not None:
+        try:  # a changed job is refused now, not after the cluster's start-up
+            out.resume(settings_of(cfg), listing)
+        except BaseException:
+            out.release()
+            raise
+    return listing, out
 
 
 def lock_output(cfg: RunConfig, stop: StopToken | None = None) -> OutputDir:

@@ -384,6 +384,9 @@ class Supervisor:
             for s, h in previous.items():
                 signal.signal(s, h)
         if "value" in box:
+            if self.stop.requested:
+                name = signal.Signals(self.stop.signum).name if self.stop.signum else "a stop"
+                term.say(f"note: {name} arrived after the result was committed; nothing was lost")
             return box["value"]
         error = box.get("error")
         if self.stop.requested and not isinstance(error, FruitdaskError | None):
