@@ -154,6 +154,11 @@ def _host() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+#: Run ids whose lease this process holds now (a lease of this process that is
+#: not among them was left by a run that failed to delete it: the store was down).
+_HELD: set[str] = set()
+
+
 def _process_started(pid: int) -> float | None:
     import psutil
 
@@ -211,7 +216,9 @@ class Lease:
             return True
         if holder.get("host") == _host():
             pid = int(holder.get("pid") or 0)
-            return pid != self._pid and _process_started(pid) != holder.get("pid_started")
+            if pid == self._pid:  # this process: stale unless one of its runs holds it now
+                return holder.get("run_id") not in _HELD
+            return _process_started(pid) != holder.get("pid_started")
         return False
 
     def acquire(self) -> Lease:
@@ -232,6 +239,7 @@ class Lease:
             if not io.replace_if(self.url, self._doc(), version, self.so):
                 raise LockedError(self._held_message(holder))
             _, self._version = io.read_versioned(self.url, self.so)
+        _HELD.add(self.run_id)
         self._thread = threading.Thread(target=self._beat, name="fruitdask-lease", daemon=True)
         self._thread.start()
         return self
@@ -270,6 +278,7 @@ class Lease:
         self._done.set()
         if self._thread is not None:
             self._thread.join()
+        _HELD.discard(self.run_id)
         if self.lost:
             return
         with contextlib.suppress(FruitdaskError):
