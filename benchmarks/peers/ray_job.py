@@ -1,0 +1,325 @@
+"""The fruitdask job on Ray Data, written the way Ray's docs recommend.
+
+    python -m benchmarks.peers.ray_job --input URL --output DIR [--cores N] [--json]
+        [--storage-option KEY=VALUE ...] [--endpoint-url URL] [--overwrite]
+        [--blocks N] [--batch-size N] [--actors] [--object-store-mb N]
+
+Pipeline (Ray Data's own building blocks throughout):
+
+* listing: ``ray.data.read_binary_files(root, include_paths=True,
+  file_extensions=...)``. Ray lists the files in the driver when the dataset is
+  created (timed as ``listing``); the bytes are read inside the map tasks.
+* extract: ``map_batches`` with ``batch_format="pyarrow"`` (zero-copy batches)
+  over the bytes, calling :func:`fruitdask.tables.extract_partition` (exactly
+  the project's decode + ORB kernel). Ray fuses the read and the map into one
+  task per block. Each output row is one image: the images table's columns
+  and its descriptors as one binary value (``32 * n_keypoints`` bytes), so the
+  map's output is a fraction of its input. ``.materialize()`` keeps the result
+  in Ray's object store for the passes below.
+* pca_fit: one ``Dataset.aggregate`` pass with an ``AggregateFnV2`` that
+  computes per-block moments (count, mean, scatter) and merges them exactly
+  (Chan et al.), plus the status counts; then :func:`fruitdask.pca.exact_pca`
+  on the driver. Ray has no PCA of its own (Ray Data's preprocessors stop at
+  scalers and encoders), so this is the exact PCA from moments, the same fit
+  as ``fruitdask run --pca-method exact``.
+* transform_write: three writes from the materialized dataset with
+  ``Dataset.write_parquet``: images (select_columns), descriptors (a
+  ``map_batches`` that flattens each image's blob into one row per
+  descriptor, i.e. the explode) and features (a ``map_batches`` that projects).
+  Ray's writer keeps the Arrow schema of the blocks (``string``, ``int32``,
+  ``binary``, ``list<float>``), which are built with :mod:`fruitdask.tables`,
+  so the files have exactly fruitdask's schemas. File names are Ray's own.
+
+Ray is started in-process, limited to ``--cores`` CPUs, without the dashboard,
+usage statistics off (``RAY_USAGE_STATS_ENABLED=0``, no dial-out), its session
+files in a private temporary folder removed at exit. Ray 2.60 cannot be made to
+listen on loopback only: its GCS, raylet and worker gRPC servers bind every
+interface (``GrpcServer`` listens on 0.0.0.0 unless a component asks for
+localhost, which these do not), and ``ray.init(_node_ip_address="127.0.0.1")``
+is rewritten to the machine's routable address (``resolve_ip_for_localhost``).
+What protects the ports is Ray's token authentication (on by default in 2.60).
+
+WHAT WAS TRIED (2,000 generated images, 2 cores, the machine shared; see the
+report in the commit message / benchmarks/peers/README for the numbers) ::
+
+    setting                                   effect
+    ---------------------------------------   -----------------------------------
+    (filled in from measurements below)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Before Ray is imported: no usage statistics (Ray would otherwise post them).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from benchmarks.peers import common
+from fruitdask import io, tables
+from fruitdask.features import OrbParams
+from fruitdask.pca import PcaModel
+
+PROG = "python -m benchmarks.peers.ray_job"
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- per batch (in Ray workers)
+def extract_batch(batch: pa.Table, prefix: str, params: OrbParams) -> pa.Table:
+    """Decode + ORB over one batch of ``read_binary_files`` rows (``bytes``, ``path``).
+
+    Returns one row per image: the images table's columns (IMAGES_SCHEMA) and
+    ``desc``, the image's descriptors as one binary value.
+    """
+    rel = [p[len(prefix) :] for p in batch.column("path").to_pylist()]
+    ls = [io.label_split(r) for r in rel]
+    blobs = batch.column("bytes").to_pylist()
+    rows = pd.DataFrame(
+        {
+            "path": rel,
+            "label": [x[0] for x in ls],
+            "split": [x[1] for x in ls],
+            # read_binary_files reads whole files: the length is the file's size
+            "size": np.array([len(b) for b in blobs], dtype=np.int64),
+        }
+    )
+    images, desc, counts = tables.extract_partition(rows, blobs, params)
+    return images.append_column(common.DESC, common.desc_blobs(desc, counts))
+
+
+class ExtractActor:
+    """The same, as a callable class for ``ActorPoolStrategy`` (tried; see above)."""
+
+    def __init__(self, prefix: str, params: OrbParams) -> None:
+        self.prefix = prefix
+        self.params = params
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return extract_batch(batch, self.prefix, self.params)
+
+
+def _rows(batch: pa.Table) -> pd.DataFrame:
+    return pd.DataFrame({c: batch.column(c).to_pandas() for c in tables.KEY_COLUMNS})
+
+
+def descriptor_rows(batch: pa.Table) -> pa.Table:
+    """Per-image rows -> one row per descriptor (DESCRIPTORS_SCHEMA): the explode."""
+    counts = batch.column("n_keypoints").to_numpy(zero_copy_only=False)
+    desc = common.desc_array(batch.column(common.DESC))
+    return tables.descriptors_table(_rows(batch), counts, desc)
+
+
+def feature_rows(batch: pa.Table, model: PcaModel) -> pa.Table:
+    """Per-image rows -> one row per descriptor, projected (FEATURES_SCHEMA)."""
+    counts = batch.column("n_keypoints").to_numpy(zero_copy_only=False)
+    proj = common.project(batch.column(common.DESC), model)
+    return tables.features_table(_rows(batch), counts, proj)
+
+
+def _aggregates(desc_col: str):
+    """Moments of every descriptor and the status counts, as Ray aggregations."""
+    from ray.data.aggregate import AggregateFnV2
+    from ray.data.block import BlockAccessor
+
+    class DescriptorMoments(AggregateFnV2):
+        """Count, mean and centred scatter of the descriptors, merged exactly."""
+
+        def __init__(self) -> None:
+            super().__init__("moments", zero_factory=list, on=desc_col, ignore_nulls=True)
+
+        def aggregate_block(self, block) -> list[float]:
+            t = BlockAccessor.for_block(block).to_arrow()
+            return common.moments_to_list(common.blob_moments(t.column(desc_col)))
+
+        def combine(self, current: list[float], new: list[float]) -> list[float]:
+            return common.merge_lists(current, new)
+
+    class StatusCounts(AggregateFnV2):
+        """[images, ok, no_keypoints, error] (Ray passes an aggregation only its column)."""
+
+        def __init__(self) -> None:
+            super().__init__("status", zero_factory=lambda: [0, 0, 0, 0], on="status",
+                             ignore_nulls=True)  # fmt: skip
+
+        def aggregate_block(self, block) -> list[int]:
+            s = BlockAccessor.for_block(block).to_arrow().column("status").to_pylist()
+            return [len(s), s.count("ok"), s.count("no_keypoints"), s.count("error")]
+
+        def combine(self, current: list[int], new: list[int]) -> list[int]:
+            return [a + b for a, b in zip(current, new, strict=True)]
+
+    return DescriptorMoments(), StatusCounts()
+
+
+# ---------------------------------------------------------------- driver
+def build_parser():
+    ap = common.parser(PROG, "The fruitdask job on Ray Data.")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="read tasks (override_num_blocks); default: 4 per core")  # fmt: skip
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows per map_batches call (default: whole blocks)")  # fmt: skip
+    ap.add_argument("--actors", action="store_true",
+                    help="extract in an ActorPoolStrategy of --cores actors instead of tasks")  # fmt: skip
+    ap.add_argument("--object-store-mb", type=int, default=None,
+                    help="Ray object store size (default: Ray's, 30%% of memory)")  # fmt: skip
+    return ap
+
+
+def run(args) -> dict[str, Any]:
+    so = common.storage_options(args)
+    timings: dict[str, float] = {}
+    out = common.Output(args.output, so, args.overwrite)
+    params = OrbParams()
+    s3_in, s3_out = common.is_s3(args.input), common.is_s3(args.output)
+    in_fs = common.arrow_s3(so) if s3_in else None
+    out_fs = common.arrow_s3(so) if s3_out else None
+    root = common.strip_scheme(args.input)
+    prefix = root.rstrip("/") + "/"
+    out_root = common.strip_scheme(args.output)
+
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    # Ray's workers are started by its raylet with the driver's environment:
+    # make this checkout importable there (functions are pickled by reference).
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+    )
+    if args.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Short, private session folder (Unix socket paths are limited to 107 bytes).
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    t = time.perf_counter()
+    init: dict[str, Any] = {
+        "address": "local",  # always a new, private instance; never join another
+        "num_cpus": args.cores,
+        "num_gpus": 0,
+        "include_dashboard": False,
+        "dashboard_host": "127.0.0.1",
+        "logging_level": logging.WARNING,
+        "log_to_driver": not args.quiet,
+        "_temp_dir": ray_tmp,
+    }
+    if args.object_store_mb:
+        init["object_store_memory"] = args.object_store_mb * 2**20
+    ray.init(**init)
+    timings["startup"] = time.perf_counter() - t
+    try:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = not args.quiet
+        ctx.print_on_execution_start = not args.quiet
+
+        # 1. listing (Ray lists in the driver when the dataset is created)
+        t = time.perf_counter()
+        blocks = args.blocks or 4 * args.cores
+        ds = ray.data.read_binary_files(
+            root,
+            include_paths=True,
+            file_extensions=common.EXTENSIONS,
+            filesystem=in_fs,
+            override_num_blocks=blocks,
+        )
+        timings["listing"] = time.perf_counter() - t
+
+        # 2. extract: read + decode + ORB fused into one task per block
+        t = time.perf_counter()
+        if args.actors:
+            mapped = ds.map_batches(
+                ExtractActor,
+                fn_constructor_args=(prefix, params),
+                batch_format="pyarrow",
+                batch_size=args.batch_size,
+                zero_copy_batch=True,
+                compute=ActorPoolStrategy(size=args.cores),
+                num_cpus=1,
+            )
+        else:
+            mapped = ds.map_batches(
+                extract_batch,
+                fn_args=(prefix, params),
+                batch_format="pyarrow",
+                batch_size=args.batch_size,
+                zero_copy_batch=True,
+                num_cpus=1,
+            )
+        extracted = mapped.materialize()
+        timings["extract"] = time.perf_counter() - t
+
+        # 3. PCA fit: one aggregation pass (moments + counts), exact PCA on the driver
+        t = time.perf_counter()
+        agg_m, agg_s = _aggregates(common.DESC)
+        res = extracted.aggregate(agg_m, agg_s)
+        total = common.moments_from_list(res["moments"])
+        n_images, ok, no_kp, err = (int(x) for x in res["status"])
+        n_desc = total.n
+        model, pca_info = common.fit_pca(total, args.n_components)
+        timings["pca_fit"] = time.perf_counter() - t
+
+        # 4. write images, descriptors (exploded), features (projected)
+        t = time.perf_counter()
+        dest = {tbl: f"{out_root}/{tbl}" for tbl in tables.TABLES}
+        extracted.select_columns(common.IMAGE_COLUMNS).write_parquet(
+            dest["images"], filesystem=out_fs
+        )
+        extracted.map_batches(descriptor_rows, batch_format="pyarrow").write_parquet(
+            dest["descriptors"], filesystem=out_fs
+        )
+        extracted.map_batches(feature_rows, fn_args=(model,), batch_format="pyarrow").write_parquet(
+            dest["features"], filesystem=out_fs
+        )
+        timings["transform_write"] = time.perf_counter() - t
+        partitions = extracted.num_blocks()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # 5. publish: list the files, model, manifest, _SUCCESS last
+    t = time.perf_counter()
+    files = {tbl: out.listed(tbl) for tbl in tables.TABLES}
+    files["model"] = [out.write_model(model)]
+    counts = {
+        "images": n_images,
+        "ok": ok,
+        "no_keypoints": no_kp,
+        "error": err,
+        "descriptors": n_desc,
+        "partitions": partitions,
+    }
+    timings["publish"] = time.perf_counter() - t
+    settings = {
+        "blocks": blocks,
+        "batch_size": args.batch_size,
+        "compute": "actors" if args.actors else "tasks",
+        "object_store_mb": args.object_store_mb,
+    }
+    m = common.manifest("ray", out, args.input, counts, timings, pca_info, files, args.cores,
+                        settings, {"ray": ray.__version__})  # fmt: skip
+    out.commit(m)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cores < 1:
+        return common.fail(PROG, ValueError("--cores must be >= 1"))
+    try:
+        m = run(args)
+    except (io.StorageError, ValueError) as exc:
+        return common.fail(PROG, exc)
+    common.print_summary(m, args.output, args.json, m["counts"]["partitions"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
