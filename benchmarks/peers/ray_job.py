@@ -2,7 +2,8 @@
 
     python -m benchmarks.peers.ray_job --input URL --output DIR [--cores N] [--json]
         [--storage-option KEY=VALUE ...] [--endpoint-url URL] [--overwrite]
-        [--blocks N] [--batch-size N] [--actors] [--object-store-mb N]
+        [--blocks N] [--batch-size N] [--actors] [--pca {aggregate,map}]
+        [--shuffle {sort,hash,ray}] [--object-store-mb N]
 
 Pipeline (Ray Data's own building blocks throughout):
 
@@ -39,12 +40,44 @@ localhost, which these do not), and ``ray.init(_node_ip_address="127.0.0.1")``
 is rewritten to the machine's routable address (``resolve_ip_for_localhost``).
 What protects the ports is Ray's token authentication (on by default in 2.60).
 
-WHAT WAS TRIED (2,000 generated images, 2 cores, the machine shared; see the
-report in the commit message / benchmarks/peers/README for the numbers) ::
+WHAT WAS TRIED. Measured with benchmarks' TreeMonitor (wall, CPU and RSS of the
+whole process tree) on 2,000 and 20,000 generated images, 2 cores. The machine
+was shared and its load average went from 2 to 20 during these runs, so wall
+times moved by 2-3x between identical runs; CPU seconds of the process tree
+(which contention inflates much less) decided, over 3 alternating rounds ::
 
-    setting                                   effect
-    ---------------------------------------   -----------------------------------
-    (filled in from measurements below)
+    setting                                    effect (20k images unless said)
+    -----------------------------------------  ---------------------------------------
+    Dataset.aggregate, Ray's default shuffle   PCA fit 2.1-3.2 s (2k: 2.1-2.6 s) and
+      (hash shuffle: starts aggregator actors)   +5-8 CPU-s per run (23.5-28.3 CPU-s)
+    same, DataContext.shuffle_strategy =       PCA fit 0.2-0.8 s, 16.4-20.7 CPU-s:
+      SORT_SHUFFLE_PULL_BASED (tasks only)       DEFAULT (--shuffle sort)
+    moments by map_batches + take_all          = the sort-based aggregate (2k: 0.16 s
+      (--pca map)                                against 0.19 s); kept as an option
+    read tasks (override_num_blocks) 4, 8      no difference beyond the noise (CPU
+      (DEFAULT: 4 per core), 16                  16.4-20.7 s for all three); 32 on
+                                                 2k images: +1-2 CPU-s (more tasks)
+    batch_size None (whole block, DEFAULT)     250 rows: +1.5-6 CPU-s, no faster
+      against 250
+    tasks (DEFAULT) against ActorPoolStrategy  actors: +2-8 CPU-s, slower start (the
+      of --cores actors (--actors)              actors start after the pool is up);
+                                                 the kernel has no state worth keeping
+    batch_format pyarrow + zero_copy_batch     (chosen from the docs: the kernel takes
+                                                 bytes; numpy/pandas batches would copy)
+    object_store_memory 256 MB against Ray's   no change in RSS (1.97 GiB): only pages
+      default (30% of memory)                    written count, and little is stored
+    read_images instead of read_binary_files   not used: it decodes with PIL to RGB,
+                                                 not the project's kernel (OpenCV,
+                                                 straight to grayscale)
+
+Where Ray's time and memory go (2k images, quiet moment: 9.6 s end to end
+against 3-3.5 s for Dask): ray.init 2.2-4 s, importing Ray ~1 s and shutting
+down ~1 s; the first map tasks wait for workers that import pandas, pyarrow
+and OpenCV. Peak RSS 1.7-2.0 GiB at any size (PSS ~1.1-1.4 GiB): besides the
+driver and one worker per core, Ray runs gcs_server, raylet, a dashboard agent
+and a runtime-env agent even without the dashboard, and Ray Data starts two
+actors of its own (_StatsActor, _AutoscalingCoordinator), ~100-200 MB each;
+the object store's shared pages count in every process that maps them.
 """
 
 from __future__ import annotations
@@ -68,7 +101,7 @@ import pyarrow as pa
 from benchmarks.peers import common
 from fruitdask import io, tables
 from fruitdask.features import OrbParams
-from fruitdask.pca import PcaModel
+from fruitdask.pca import PcaModel, combine_moments
 
 PROG = "python -m benchmarks.peers.ray_job"
 REPO = Path(__file__).resolve().parents[2]
@@ -126,6 +159,21 @@ def feature_rows(batch: pa.Table, model: PcaModel) -> pa.Table:
     return tables.features_table(_rows(batch), counts, proj)
 
 
+def block_summary(batch: pa.Table) -> pa.Table:
+    """One row per batch: its descriptors' moments and status counts (``--pca map``)."""
+    s = batch.column("status").to_pylist()
+    m = common.moments_to_list(common.blob_moments(batch.column(common.DESC)))
+    return pa.table(
+        {
+            "moments": pa.array([m], pa.list_(pa.float64())),
+            "images": [len(s)],
+            "ok": [s.count("ok")],
+            "no_keypoints": [s.count("no_keypoints")],
+            "error": [s.count("error")],
+        }
+    )
+
+
 def _aggregates(desc_col: str):
     """Moments of every descriptor and the status counts, as Ray aggregations."""
     from ray.data.aggregate import AggregateFnV2
@@ -170,6 +218,11 @@ def build_parser():
                     help="rows per map_batches call (default: whole blocks)")  # fmt: skip
     ap.add_argument("--actors", action="store_true",
                     help="extract in an ActorPoolStrategy of --cores actors instead of tasks")  # fmt: skip
+    ap.add_argument("--pca", choices=("aggregate", "map"), default="aggregate",
+                    help="moments by Dataset.aggregate, or by map_batches + take_all")  # fmt: skip
+    ap.add_argument("--shuffle", choices=("hash", "sort", "ray"), default="sort",
+                    help="DataContext.shuffle_strategy for the aggregate: sort-based "
+                         "(default), hash (Ray's default), or leave Ray's")  # fmt: skip
     ap.add_argument("--object-store-mb", type=int, default=None,
                     help="Ray object store size (default: Ray's, 30%% of memory)")  # fmt: skip
     return ap
@@ -219,6 +272,13 @@ def run(args) -> dict[str, Any]:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = not args.quiet
         ctx.print_on_execution_start = not args.quiet
+        if args.shuffle != "ray":
+            from ray.data.context import ShuffleStrategy
+
+            ctx.shuffle_strategy = {
+                "hash": ShuffleStrategy.HASH_SHUFFLE,
+                "sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+            }[args.shuffle]
 
         # 1. listing (Ray lists in the driver when the dataset is created)
         t = time.perf_counter()
@@ -258,10 +318,21 @@ def run(args) -> dict[str, Any]:
 
         # 3. PCA fit: one aggregation pass (moments + counts), exact PCA on the driver
         t = time.perf_counter()
-        agg_m, agg_s = _aggregates(common.DESC)
-        res = extracted.aggregate(agg_m, agg_s)
-        total = common.moments_from_list(res["moments"])
-        n_images, ok, no_kp, err = (int(x) for x in res["status"])
+        if args.pca == "aggregate":
+            agg_m, agg_s = _aggregates(common.DESC)
+            res = extracted.aggregate(agg_m, agg_s)
+            total = common.moments_from_list(res["moments"])
+            n_images, ok, no_kp, err = (int(x) for x in res["status"])
+        else:
+            parts = extracted.map_batches(block_summary, batch_format="pyarrow").take_all()
+            total = common.moments_from_list(None)
+            n_images = ok = no_kp = err = 0
+            for r in parts:
+                total = combine_moments(total, common.moments_from_list(r["moments"]))
+                n_images += r["images"]
+                ok += r["ok"]
+                no_kp += r["no_keypoints"]
+                err += r["error"]
         n_desc = total.n
         model, pca_info = common.fit_pca(total, args.n_components)
         timings["pca_fit"] = time.perf_counter() - t
@@ -302,6 +373,8 @@ def run(args) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "compute": "actors" if args.actors else "tasks",
         "object_store_mb": args.object_store_mb,
+        "pca": args.pca,
+        "shuffle": args.shuffle,
     }
     m = common.manifest("ray", out, args.input, counts, timings, pca_info, files, args.cores,
                         settings, {"ray": ray.__version__})  # fmt: skip
