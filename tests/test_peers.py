@@ -175,3 +175,42 @@ def test_features_are_the_models_projection(peer):
     got = np.asarray(f.column("pca").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(got, model.transform(x), rtol=1e-5, atol=1e-3)
     assert np.abs(got.mean(axis=0)).max() < 1e-2 * got.std(axis=0).max()  # centred
+
+
+_LISTENING = """
+import json, psutil
+from benchmarks.peers import ray_job
+tmp = ray_job.start_ray(1)
+try:
+    me = psutil.Process()
+    pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    names = {}
+    for p in me.children(recursive=True):
+        try:
+            names[p.pid] = p.name()
+        except psutil.Error:
+            pass
+    found = [(c.laddr.ip, names.get(c.pid, "driver")) for c in psutil.net_connections("inet")
+             if c.pid in pids and c.status == psutil.CONN_LISTEN]
+finally:
+    ray_job.stop_ray(tmp)
+print(json.dumps(found))
+"""
+
+
+def test_ray_listens_on_loopback_only():
+    """Ray's servers (GCS, raylet, agents; workers as they come) bind 127.0.0.1 only.
+
+    ``ray.init`` returns once the GCS and the raylet serve, so they are listening
+    when the sockets are listed; whatever else is up by then is checked too."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (pip install -e '.[peers]')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    got = subprocess.run([sys.executable, "-c", _LISTENING], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert got.returncode == 0, got.stderr[-3000:]
+    found = json.loads(got.stdout.strip().splitlines()[-1])
+    names = {n for _, n in found}
+    assert {"gcs_server", "raylet"} <= names, found
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in found), found

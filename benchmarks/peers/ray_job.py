@@ -32,13 +32,15 @@ Pipeline (Ray Data's own building blocks throughout):
   so the files have exactly fruitdask's schemas. File names are Ray's own.
 
 Ray is started in-process, limited to ``--cores`` CPUs, without the dashboard,
-usage statistics off (``RAY_USAGE_STATS_ENABLED=0``, no dial-out), its session
-files in a private temporary folder removed at exit. Ray 2.60 cannot be made to
-listen on loopback only: its GCS, raylet and worker gRPC servers bind every
-interface (``GrpcServer`` listens on 0.0.0.0 unless a component asks for
-localhost, which these do not), and ``ray.init(_node_ip_address="127.0.0.1")``
-is rewritten to the machine's routable address (``resolve_ip_for_localhost``).
-What protects the ports is Ray's token authentication (on by default in 2.60).
+usage statistics off (``RAY_USAGE_STATS_ENABLED=0``: no dial-out), its session
+files in a private temporary folder removed at exit. It listens on loopback
+only through Ray's own single-machine switch, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+(the mode Ray uses on macOS and Windows): the node's address is then 127.0.0.1
+and every Ray server (GCS, raylet, workers, agents) binds it. Without it Ray
+2.60 binds every interface, and ``ray.init(_node_ip_address="127.0.0.1")`` does
+not help (``resolve_ip_for_localhost`` rewrites it to the routable address).
+Checked by listing the sockets of the process tree during a run: all LISTEN
+and ESTABLISHED sockets on 127.0.0.1.
 
 WHAT WAS TRIED. Measured with benchmarks' TreeMonitor (wall, CPU and RSS of the
 whole process tree) on 2,000 and 20,000 generated images, 2 cores. The machine
@@ -91,8 +93,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Before Ray is imported: no usage statistics (Ray would otherwise post them).
+# Before Ray is imported: no usage statistics (Ray would otherwise post them), and
+# Ray's single-machine mode, whose node address is loopback (see the docstring).
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
 import pandas as pd
@@ -228,6 +232,44 @@ def build_parser():
     return ap
 
 
+def start_ray(cores: int, quiet: bool = True, object_store_mb: int | None = None) -> str:
+    """Start a private, local Ray instance on ``cores`` CPUs; its session folder."""
+    import ray
+
+    # Ray's workers are started by its raylet with the driver's environment:
+    # make this checkout importable there (functions are pickled by reference).
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+    )
+    # Short, private session folder (Unix socket paths are limited to 107 bytes).
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    init: dict[str, Any] = {
+        "address": "local",  # always a new, private instance; never join another
+        "num_cpus": cores,
+        "num_gpus": 0,
+        "include_dashboard": False,
+        "dashboard_host": "127.0.0.1",
+        "logging_level": logging.WARNING,
+        "log_to_driver": not quiet,
+        "_temp_dir": ray_tmp,
+    }
+    if object_store_mb:
+        init["object_store_memory"] = object_store_mb * 2**20
+    try:
+        ray.init(**init)
+    except BaseException:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        raise
+    return ray_tmp
+
+
+def stop_ray(ray_tmp: str) -> None:
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def run(args) -> dict[str, Any]:
     so = common.storage_options(args)
     timings: dict[str, float] = {}
@@ -244,29 +286,10 @@ def run(args) -> dict[str, Any]:
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    # Ray's workers are started by its raylet with the driver's environment:
-    # make this checkout importable there (functions are pickled by reference).
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
-    )
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Short, private session folder (Unix socket paths are limited to 107 bytes).
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     t = time.perf_counter()
-    init: dict[str, Any] = {
-        "address": "local",  # always a new, private instance; never join another
-        "num_cpus": args.cores,
-        "num_gpus": 0,
-        "include_dashboard": False,
-        "dashboard_host": "127.0.0.1",
-        "logging_level": logging.WARNING,
-        "log_to_driver": not args.quiet,
-        "_temp_dir": ray_tmp,
-    }
-    if args.object_store_mb:
-        init["object_store_memory"] = args.object_store_mb * 2**20
-    ray.init(**init)
+    ray_tmp = start_ray(args.cores, args.quiet, args.object_store_mb)
     timings["startup"] = time.perf_counter() - t
     try:
         ctx = DataContext.get_current()
@@ -352,8 +375,7 @@ def run(args) -> dict[str, Any]:
         timings["transform_write"] = time.perf_counter() - t
         partitions = extracted.num_blocks()
     finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_ray(ray_tmp)
 
     # 5. publish: list the files, model, manifest, _SUCCESS last
     t = time.perf_counter()
