@@ -692,6 +692,15 @@ def main(argv: list[str] | None = None) -> int:
             unknown = set(engines) - set(ENGINES)
             if unknown or "dask" not in engines:
                 ap.error(f"--engines: dask and some of {', '.join(ENGINES)}; got {args.engines}")
+            import importlib.util
+
+            missing = [
+                e for e in ("ray", "daft") if e in engines and not importlib.util.find_spec(e)
+            ]
+            if missing:
+                ap.error(
+                    f"--engines {','.join(missing)}: not installed (pip install -e '.[peers]')"
+                )
         else:
             engines = ["dask", "spark-tuned"] + ([] if remote else ["spark-tuned-fsspec"])
         if args.with_seed and "spark-seed" not in engines:
