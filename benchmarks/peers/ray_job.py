@@ -72,8 +72,8 @@ times moved by 2-3x between identical runs; CPU seconds of the process tree
                                                  not the project's kernel (OpenCV,
                                                  straight to grayscale)
 
-Where Ray's time and memory go (2k images, quiet moment: 9.6 s end to end
-against 3-3.5 s for Dask): ray.init 2.2-4 s, importing Ray ~1 s and shutting
+Where Ray's time and memory go (2k images, load 1-3.5: 9.6-11 s end to end
+against 2.9-3.6 s for Dask): ray.init 2.2-4 s, importing Ray ~1 s and shutting
 down ~1 s; the first map tasks wait for workers that import pandas, pyarrow
 and OpenCV. Peak RSS 1.7-2.0 GiB at any size (PSS ~1.1-1.4 GiB): besides the
 driver and one worker per core, Ray runs gcs_server, raylet, a dashboard agent
