@@ -1,8 +1,9 @@
-"""Dask against Spark on the same images and the same cores, in one run.
+"""Dask against Spark, Ray Data and Daft on the same images and the same cores, in one run.
 
     python benchmarks/compare.py [--input URL | --images N [--s3]] [--repeat K] [--cores N]
-                                 [--out DIR] [--with-seed] [--endpoint-url URL]
-                                 [--storage-option KEY=VALUE ...] [--data-dir DIR]
+                                 [--engines dask,spark,ray,daft] [--out DIR] [--with-seed]
+                                 [--endpoint-url URL] [--storage-option KEY=VALUE ...]
+                                 [--data-dir DIR]
 
 Each round runs, in this order, K rounds alternating:
 
@@ -11,7 +12,10 @@ Each round runs, in this order, K rounds alternating:
   timing): what the cores can do;
 * ``dask``: ``python -m fruitdask run`` on a local cluster of N workers x 1 thread;
 * ``spark-tuned``: ``python -m spark_parity run --master local[N]``;
-* ``spark-seed`` (``--with-seed``): the same with ``--profile seed``.
+* ``spark-seed`` (``--with-seed``): the same with ``--profile seed``;
+* ``ray`` and ``daft`` (only when asked, ``--engines``): the same job written on
+  Ray Data and on Daft, what a data engineer would try first
+  (``python -m benchmarks.peers.ray_job`` / ``daft_job``, the ``peers`` extra).
 
 Each engine runs as its own command in a subprocess, so its memory is its own:
 the resident memory of the whole process tree (client, scheduler, workers; the
@@ -26,7 +30,9 @@ per-image status and keypoint counts, the multiset of (path, descriptor) pairs,
 the principal angles between each Spark model, the Dask model and the exact PCA
 of the descriptors, and that every engine's features are centred.
 
-Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` and
+Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` (by
+default a new folder ``bench-results/compare-<time>``; the committed
+``benchmarks/results/compare/`` is written only when given explicitly) and
 prints the table. Data is generated (and uploaded, with ``--s3``) in a setup
 step, never timed. ``--s3`` starts a SeaweedFS server on loopback (the tests'
 :class:`fruitdask.testing.S3Server`) and runs everything against it, outputs
@@ -154,7 +160,12 @@ ENGINES = {
     # a local folder read like S3: the driver lists, the executors read the files
     "spark-tuned-fsspec": ["--profile", "tuned", "--reader", "fsspec"],
     "spark-seed": ["--profile", "seed"],
+    # the peers (benchmarks/peers): Ray Data and Daft's native runner
+    "ray": ["benchmarks.peers.ray_job"],
+    "daft": ["benchmarks.peers.daft_job"],
 }
+#: Short names accepted by --engines.
+ALIASES = {"spark": "spark-tuned"}
 
 
 def engine_command(
@@ -168,6 +179,9 @@ def engine_command(
         return [sys.executable, "-m", "fruitdask", "run", "--input", inp, "--output", out,
                 "--workers", str(workers), "--threads-per-worker", str(threads),
                 "--dashboard-address", "127.0.0.1:0", "--json", "--quiet", *storage]  # fmt: skip
+    if engine in ("ray", "daft"):
+        return [sys.executable, "-m", *ENGINES[engine], "--input", inp, "--output", out,
+                "--cores", str(cores), "--json", "--quiet", *storage]  # fmt: skip
     return [sys.executable, "-m", "spark_parity", "run", "--input", inp, "--output", out,
             "--master", f"local[{cores}]", *ENGINES[engine], "--json", "--quiet",
             *storage, *extra]  # fmt: skip
@@ -615,12 +629,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", help="where to generate the images (default: a temp cache)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds (2)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
+    ap.add_argument(
+        "--out",
+        help="folder for results.json/.md/.png (default: a new bench-results/compare-<time>; "
+        "the committed results are benchmarks/results/compare, only when given)",
+    )
     ap.add_argument("--with-seed", action="store_true", help="also run Spark's seed profile")
     ap.add_argument(
         "--engines",
-        help=f"comma-separated, from {', '.join(ENGINES)} (default: dask, spark-tuned, and "
-        "spark-tuned-fsspec for a local folder; --with-seed adds spark-seed)",
+        help=f"comma-separated, from {', '.join(ENGINES)} ('spark' = spark-tuned; default: "
+        "dask, spark-tuned, and spark-tuned-fsspec for a local folder; --with-seed adds "
+        "spark-seed)",
     )
     ap.add_argument(
         "--no-cds",
@@ -636,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fruitdask import io, sample
 
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or REPO / "bench-results" / time.strftime("compare-%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     so = _storage(args)
     server = None
@@ -669,9 +688,19 @@ def main(argv: list[str] | None = None) -> int:
         n = len(paths)
         if args.engines:
             engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+            engines = list(dict.fromkeys(ALIASES.get(e, e) for e in engines))
             unknown = set(engines) - set(ENGINES)
             if unknown or "dask" not in engines:
                 ap.error(f"--engines: dask and some of {', '.join(ENGINES)}; got {args.engines}")
+            import importlib.util
+
+            missing = [
+                e for e in ("ray", "daft") if e in engines and not importlib.util.find_spec(e)
+            ]
+            if missing:
+                ap.error(
+                    f"--engines {','.join(missing)}: not installed (pip install -e '.[peers]')"
+                )
         else:
             engines = ["dask", "spark-tuned"] + ([] if remote else ["spark-tuned-fsspec"])
         if args.with_seed and "spark-seed" not in engines:
