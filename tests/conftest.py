@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,47 @@ def cli_env(home: Path, tag: str, **extra: str) -> dict[str, str]:
     env.update(extra)
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     return env
+
+
+class Watched:
+    """A CLI run whose stderr lines are read as they come, to act on one."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._new = threading.Condition()
+        self.stdout = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._new:
+                self.lines.append(line.rstrip("\n"))
+                self._new.notify_all()
+        with self._new:
+            self.lines.append("<eof>")
+            self._new.notify_all()
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 300) -> bool:
+        """Until ``pred()`` holds or the run ends (False then)."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while not pred():
+                if "<eof>" in self.lines or time.monotonic() > deadline:
+                    return pred()
+                self._new.wait(0.05)  # also re-checks file markers
+            return True
+
+    def line(self, prefix: str) -> Callable[[], bool]:
+        return lambda: any(x.startswith(prefix) for x in self.lines)
+
+    def finish(self, timeout: float = 300) -> int:
+        """Wait for the exit; stdout read here, stderr by the reader thread to its end."""
+        self.stdout = self.proc.stdout.read()
+        code = self.proc.wait(timeout)
+        assert self.wait_for(lambda: "<eof>" in self.lines, timeout)
+        return code
+
 
 
 @dataclass
@@ -83,6 +127,10 @@ class Cli:
             start_new_session=True,
         )
 
+    def watch(self, *args: str, **kw: str) -> Watched:
+        """:meth:`start`, with its stderr lines read as they come."""
+        return Watched(self.start(*args, **kw))
+
     def processes(self) -> list[psutil.Process]:
         """Live processes any run of this Cli started (they inherit the tag)."""
         found = []
@@ -109,6 +157,12 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path) -> Cli:
     return Cli(tmp_path, uuid.uuid4().hex)
+
+
+@pytest.fixture(scope="session")
+def make_cli() -> Callable[[Path], Cli]:
+    """A :class:`Cli` in a given folder (for module-scoped fixtures)."""
+    return lambda home: Cli(home, uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,7 @@ import json
 import os
 import random
 import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,55 +28,13 @@ def medium(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(medium, tmp_path_factory):
+def clean(medium, tmp_path_factory, make_cli):
     """The reference: a clean run over ``medium``."""
-    from conftest import Cli
-
     home = tmp_path_factory.mktemp("clean")
     out = home / "out"
-    r = Cli(home, "clean").run("run", "-i", str(medium), "-o", str(out), "-q", *ARGS)
+    r = make_cli(home).run("run", "-i", str(medium), "-o", str(out), "-q", *ARGS)
     assert r.returncode == 0, r.stderr
     return result_signature(str(out))
-
-
-class Watched:
-    """A CLI run whose stderr lines are read as they come, to act on one."""
-
-    def __init__(self, proc) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._new = threading.Condition()
-        self.stdout = ""
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            with self._new:
-                self.lines.append(line.rstrip("\n"))
-                self._new.notify_all()
-        with self._new:
-            self.lines.append("<eof>")
-            self._new.notify_all()
-
-    def wait_for(self, pred: Callable[[], bool], timeout: float = 300) -> bool:
-        """Until ``pred()`` holds or the run ends (False then)."""
-        deadline = time.monotonic() + timeout
-        with self._new:
-            while not pred():
-                if "<eof>" in self.lines or time.monotonic() > deadline:
-                    return pred()
-                self._new.wait(0.05)  # also re-checks file markers
-            return True
-
-    def line(self, prefix: str) -> Callable[[], bool]:
-        return lambda: any(x.startswith(prefix) for x in self.lines)
-
-    def finish(self, timeout: float = 300) -> int:
-        """Wait for the exit; stdout read here, stderr by the reader thread to its end."""
-        self.stdout = self.proc.stdout.read()
-        code = self.proc.wait(timeout)
-        assert self.wait_for(lambda: "<eof>" in self.lines, timeout)
-        return code
 
 
 def _done_markers(out: Path) -> int:
@@ -110,7 +66,7 @@ def _storm(cli, medium, clean, tmp_path, trials: int, seed: int) -> list[tuple]:
         sig = (signal.SIGINT, signal.SIGTERM)[k % 2] if k < 4 else rng.choice(SIGNALS)
         group = sig == signal.SIGINT or rng.random() < 0.3  # Ctrl-C signals the group
         out = tmp_path / f"out{k}"
-        run = Watched(cli.start("run", "-i", str(medium), "-o", str(out), *ARGS))
+        run = cli.watch("run", "-i", str(medium), "-o", str(out), *ARGS)
         at = {
             "input": run.line("input:"),
             "dashboard": run.line("Dask dashboard"),
@@ -184,7 +140,7 @@ def test_a_killed_overwrite_leaves_the_old_result_readable(cli, medium, clean, t
     r = cli.run("run", "-i", str(medium), "-o", str(out), "-q", *ARGS)
     assert r.returncode == 0, r.stderr
     old = committed_tables(str(out))["run_id"]
-    run = Watched(cli.start("run", "-i", str(medium), "-o", str(out), "--overwrite", *ARGS))
+    run = cli.watch("run", "-i", str(medium), "-o", str(out), "--overwrite", *ARGS)
     assert run.wait_for(lambda: _done_markers(out) >= 5)
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()
@@ -208,7 +164,7 @@ def test_a_killed_overwrite_leaves_the_old_result_readable(cli, medium, clean, t
 
 # ---------------------------------------------------------------- concurrent writers
 def _second_writer_is_refused(cli, inp: str, out: str, extra: list[str]) -> None:
-    first = Watched(cli.start("run", "-i", inp, "-o", out, *ARGS, *extra))
+    first = cli.watch("run", "-i", inp, "-o", out, *ARGS, *extra)
     assert first.wait_for(first.line("input:"))  # printed once the output is locked
     os.killpg(first.proc.pid, signal.SIGSTOP)  # hold it there, lock taken
     try:
@@ -246,7 +202,7 @@ def interrupted(cli, medium, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(medium, data)
     out = tmp_path / "out"
-    run = Watched(cli.start("run", "-i", str(data), "-o", str(out), *ARGS))
+    run = cli.watch("run", "-i", str(data), "-o", str(out), *ARGS)
     assert run.wait_for(lambda: _done_markers(out) >= 3)
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()

@@ -1,20 +1,30 @@
-"""`fruitdask pack`: shards of image bytes that `run` reads like the loose files."""
+"""`fruitdask pack`: shards of image bytes that `run` reads like the loose files,
+committed through the one output lifecycle."""
 
 from __future__ import annotations
 
 import collections
+import json
+import os
+import shutil
+import signal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fruitdask import io, pack, pipeline
+from fruitdask import pack, pipeline, source
 from fruitdask.config import RunConfig
+from fruitdask.errors import OutputExistsError
+from fruitdask.output import read_committed
+from fruitdask.partition import plan_packed_partitions
+from fruitdask.testing import committed_tables
 
 
 def _rows(url, table, so=None):
-    fs, path = io.filesystem(url, so)
-    files = sorted(f for f in fs.find(f"{path}/{table}") if f.endswith(".parquet"))
-    return [r for f in files for r in pq.read_table(fs.open(f, "rb")).to_pylist()]
+    snap = committed_tables(url, so)
+    assert snap is not None
+    return pa.concat_tables(snap["tables"][table]).to_pylist()
 
 
 def _images(url, so=None):
@@ -28,64 +38,72 @@ def _descriptors(url, so=None):
     return collections.Counter((r["path"], r["descriptor"]) for r in _rows(url, "descriptors", so))
 
 
-def test_pack_local_then_run_equals_loose_run(dask_client, sample_dir, tmp_path):
-    # a file that cannot be read at pack time keeps its row, with the reason
-    bad = sample_dir.parent / "with-bad"
-    if not bad.exists():
-        import shutil
+@pytest.fixture(scope="module")
+def with_bad(sample_dir, tmp_path_factory):
+    """The session sample and one file that is not an image (it keeps its row)."""
+    bad = tmp_path_factory.mktemp("pack") / "with-bad"
+    shutil.copytree(sample_dir, bad)
+    (bad / "Training" / "Apple Braeburn" / "broken_100.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return bad
 
-        shutil.copytree(sample_dir, bad)
-        (bad / "Training" / "Apple Braeburn" / "broken_100.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+def test_pack_local_then_run_equals_loose_run(dask_client, with_bad, sample_dir, tmp_path):
     packed = str(tmp_path / "packed")
-    s = pack.pack(str(bad), packed, dask_client, shard_size=40, row_group_size=16)
-    n = len(list(bad.rglob("*.jpg")))
+    s = pack.pack(str(with_bad), packed, dask_client, shard_size=40, row_group_size=16)
+    n = len(list(with_bad.rglob("*.jpg")))
     assert s.images == n and s.shards == -(-n // 40) and s.unreadable == 0
+    manifest = read_committed(packed)
+    assert manifest["format"] == source.PACK_FORMAT
+    shard = tmp_path / "packed" / manifest["files"]["shards"][0]
     # plain Parquet: the shards hold the original bytes
-    shard = pq.read_table(tmp_path / "packed" / "shards" / "part-00000.parquet")
-    first = shard.to_pylist()[0]
-    assert first["bytes"] == (bad / first["path"]).read_bytes()
-    assert pq.ParquetFile(tmp_path / "packed" / "shards" / "part-00000.parquet").num_row_groups == 3
+    first = pq.read_table(shard).to_pylist()[0]
+    assert first["bytes"] == (with_bad / first["path"]).read_bytes()
+    assert pq.ParquetFile(shard).num_row_groups == 3
 
-    listing = io.list_images(packed)
-    assert list(listing["path"]) == list(io.list_images(str(bad))["path"])
-    ranges = pipeline.plan_packed_partitions(listing, 1000)
-    # partitions hold whole row groups: no row group is read by two tasks
-    owner = {}
-    for k, (a, b) in enumerate(ranges):
-        rows = listing.iloc[a:b]
-        for key in set(zip(rows["shard"], rows["row_group"], strict=True)):
-            assert owner.setdefault(key, k) == k
+    listing = source.list_input(packed)
+    assert source.is_packed(listing) and source.is_packed_url(packed)
+    assert list(listing["path"]) == list(source.list_input(str(with_bad))["path"])
+    ranges = plan_packed_partitions(listing, 1000)
     assert sum(b - a for a, b in ranges) == len(listing)
 
     a = pipeline.run(RunConfig(input=packed, output=str(tmp_path / "a")), dask_client)
-    b = pipeline.run(RunConfig(input=str(bad), output=str(tmp_path / "b")), dask_client)
+    b = pipeline.run(RunConfig(input=str(with_bad), output=str(tmp_path / "b")), dask_client)
     assert a.images == b.images == n and a.images_error == b.images_error == 1
     assert _images(str(tmp_path / "a")) == _images(str(tmp_path / "b"))
     assert _descriptors(str(tmp_path / "a")) == _descriptors(str(tmp_path / "b"))
 
     # packing again is a no-op; another source into the same folder is refused
-    assert pack.pack(
-        str(bad), packed, dask_client, shard_size=40, row_group_size=16
-    ).already_complete
-    with pytest.raises(pack.PackExistsError):
+    again = pack.pack(str(with_bad), packed, dask_client, shard_size=40, row_group_size=16)
+    assert again.already_complete
+    with pytest.raises(OutputExistsError, match="another pack"):
         pack.pack(str(sample_dir), packed, dask_client, shard_size=40, row_group_size=16)
+    # ... unless asked: the old shards go, only what the old pack listed
+    pack.pack(str(sample_dir), packed, dask_client, shard_size=40, overwrite=True)
+    assert not shard.exists()
 
 
-def test_pack_resumes_missing_shards(dask_client, sample_dir, tmp_path):
+def test_an_interrupted_pack_resumes(cli, sample_dir, tmp_path):
+    """A pack killed after some shards resumes with them when run again."""
     packed = tmp_path / "packed"
-    pack.pack(str(sample_dir), str(packed), dask_client, shard_size=20, row_group_size=10)
-    index = packed / "_fruitdask_pack" / "index.parquet"
-    victim = packed / "shards" / "part-00002.parquet"
-    before = victim.read_bytes()
-    # as if interrupted: the index (written last) and one shard missing
-    index.unlink()
-    victim.unlink()
-    keep = packed / "shards" / "part-00000.parquet"
-    mtime = keep.stat().st_mtime_ns
-    s = pack.pack(str(sample_dir), str(packed), dask_client, shard_size=20, row_group_size=10)
-    assert s.shards_resumed == s.shards - 1
-    assert keep.stat().st_mtime_ns == mtime  # not rewritten
-    assert victim.read_bytes() == before and index.exists()
+    args = ("pack", str(sample_dir), str(packed), "--shard-size", "4", "--workers", "1",
+            "--threads-per-worker", "1")  # fmt: skip
+    run = cli.watch(*args)
+
+    def markers() -> int:
+        return sum(len(list(d.glob("*.json"))) for d in packed.glob("_fruitdask/runs/*/done"))
+
+    assert run.wait_for(lambda: markers() >= 3)
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.finish()
+    done = markers()
+    assert read_committed(str(packed)) is None
+    r = cli.run(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["shards_resumed"] >= done and summary["images"] == 96
+    assert source.list_input(str(packed))["path"].tolist() == sorted(
+        p.relative_to(sample_dir).as_posix() for p in sample_dir.rglob("*.jpg")
+    )
 
 
 @pytest.mark.s3
