@@ -26,6 +26,7 @@ __all__ = [
     "check_address",
     "check_local",
     "check_memory_limit",
+    "check_scheduler",
     "connect",
     "dashboard_link",
     "exposure",
@@ -161,6 +162,22 @@ def exposure(spec: ClusterSpec) -> str | None:
         return None
     return (f"warning: {' and '.join(exposed)} can be reached from the network, without "
             "authentication (the dashboard shows file names and can run code)")  # fmt: skip
+
+
+def check_scheduler(spec: ClusterSpec) -> None:
+    """A scheduler address that answers one TCP connection, checked before the
+    input is listed (so a typo is one line, at once)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(spec.kind)
+    if not parsed.hostname or not parsed.port:
+        raise InputError(f"--cluster {spec.kind}: expected an address like tcp://host:8786")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), spec.connect_timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {spec.kind}: {exc.strerror or exc}"
+        ) from None
 
 
 def check_local(spec: ClusterSpec) -> ClusterSpec:

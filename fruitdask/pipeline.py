@@ -107,18 +107,38 @@ class RunSummary:
 
 
 class Timer:
-    """Per-stage seconds, recorded by ``with timer("stage"):``."""
+    """Per-stage seconds, recorded by ``with timer("stage"):``.
 
-    def __init__(self, **already: float) -> None:
+    ``on_stage(stage, event, seconds)``, when given, hears ``"begin"`` and
+    ``"end"`` of every stage (the CLI shows them as progress).
+    """
+
+    def __init__(
+        self, on_stage: Callable[[str, str, float], None] | None = None, **already: float
+    ) -> None:
         self.seconds: dict[str, float] = {k: float(v) for k, v in already.items()}
+        self.on_stage = on_stage
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        if self.on_stage:
+            self.on_stage(stage, "begin", 0.0)
         t = time.perf_counter()
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            spent = time.perf_counter() - t
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+            if self.on_stage and ok:
+                self.on_stage(stage, "end", spent)
+
+    def record(self, stage: str, seconds: float) -> None:
+        """A stage timed elsewhere (the cluster's start-up)."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        if self.on_stage:
+            self.on_stage(stage, "end", seconds)
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}

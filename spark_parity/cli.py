@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from fruitdask.cli import (
     Parser,
+    ProgressPrinter,
     Supervisor,
     add_orb_arguments,
     add_run_settings,
@@ -114,23 +115,6 @@ def _spark_conf(items: list[str] | None) -> dict[str, str]:
     return conf
 
 
-class _Progress:
-    """A line per stage every few seconds (tasks done), and one when it ends."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __call__(self, stage: str, done: int, total: int, items: int) -> None:
-        elapsed = time.perf_counter() - self.t0
-        line = f"{stage}: {done}/{total} tasks"
-        if items:
-            unit = "images" if stage == "extract" else "descriptors"
-            line += f", {items:,} {unit} ({items / max(elapsed, 1e-9):,.0f}/s)"
-        term.say(line)
-        if done == total and items:
-            self.t0 = time.perf_counter()
-
-
 def _summary(summary, args, ui: str | None) -> str:
     p = summary.pca
     if args.json:
@@ -181,23 +165,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         cds=tuned and not args.no_cds,
     )
     ui: list[str | None] = [None]
+    progress = None if args.quiet else ProgressPrinter()
+    timer = Timer(progress.stage if progress else None, startup=0.0)
 
     def body(stop):
-        t = time.perf_counter()
-        listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
-        timer = Timer(startup=0.0, listing=time.perf_counter() - t)
+        with timer("listing"):
+            listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
         try:
             if not args.quiet:
                 what = f"{len(listing):,} images" if listing is not None else "listed by Spark"
                 term.say(f"input: {cfg.input} ({what})")
             with session.start(spec) as (spark, startup):
-                timer.seconds["startup"] = startup
+                timer.record("startup", startup)
                 stop.check()
                 ui[0] = session.ui_url(spark)
                 if ui[0] and not args.quiet:
                     term.say(f"Spark UI: {ui[0]}")
                 return job.run(cfg, spark, out, listing, args.profile, args.native_s3,
-                               args.reader, None if args.quiet else _Progress(), stop, timer)  # fmt: skip
+                               args.reader, progress, stop, timer)  # fmt: skip
         finally:
             out.release()
 

@@ -20,6 +20,7 @@ from typing import NoReturn
 from fruitdask.cli._common import (
     EXIT_USAGE,
     Parser,
+    ProgressPrinter,
     Supervisor,
     add_orb_arguments,
     add_run_settings,
@@ -35,6 +36,7 @@ from fruitdask.errors import Cancelled, FruitdaskError, one_line
 __all__ = [
     "EXIT_USAGE",
     "Parser",
+    "ProgressPrinter",
     "Supervisor",
     "add_orb_arguments",
     "add_run_settings",

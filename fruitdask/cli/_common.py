@@ -42,10 +42,12 @@ __all__ = [
     "add_storage_arguments",
     "build_run_config",
     "cluster_spec",
+    "contacting",
     "display_url",
     "ensure_default_sample",
     "open_cluster",
     "positive",
+    "show_dashboard",
     "storage_options_from_args",
     "term",
 ]
@@ -270,6 +272,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         from fruitdask.cluster import check_local
 
         spec = check_local(spec)
+    elif "://" in spec.kind:
+        from fruitdask.cluster import check_scheduler
+
+        check_scheduler(spec)
     return spec
 
 
@@ -297,6 +303,40 @@ def open_cluster(spec: ClusterSpec, stop: StopToken) -> Iterator[tuple[Any, floa
         yield client, startup
 
 
+def show_dashboard(client, spec: ClusterSpec, quiet: bool) -> None:
+    """The dashboard's address (stderr), and the port actually used when the
+    one asked for was busy (distributed then picks another)."""
+    from fruitdask.cluster import dashboard_link
+
+    link = dashboard_link(client)
+    if not link or quiet:
+        return
+    term.say(f"Dask dashboard: {link}")
+    asked = str(spec.dashboard_address or "").rpartition(":")[2]
+    if spec.kind == "local" and asked not in ("", "0") and f":{asked}/" not in link:
+        used = link.split("://", 1)[-1].split("/", 1)[0].rpartition(":")[2]
+        term.say(f"note: port {asked} was busy; the dashboard is on port {used}")
+
+
+@contextlib.contextmanager
+def contacting(url: str, storage_options: dict[str, Any], after: float = 2.0) -> Iterator[None]:
+    """A "contacting ..." line on stderr when listing ``url`` takes longer than
+    ``after`` seconds (a slow endpoint), so the user knows what the wait is."""
+    done = threading.Event()
+
+    def note() -> None:
+        if not done.wait(after):
+            where = storage_options.get("endpoint_url") or url
+            term.say(f"contacting {where} ... (no answer yet)")
+
+    t = threading.Thread(target=note, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def ensure_default_sample(quiet: bool = False) -> str:
     """Generate (once) the embedded sample data set and return its folder."""
     from fruitdask import sample
@@ -311,31 +351,73 @@ def ensure_default_sample(quiet: bool = False) -> str:
 
 
 # ---------------------------------------------------------------- progress
+_UNITS = {"extract": "images", "pack": "images", "encode": "images", "features": "descriptors"}
+
+
 class ProgressPrinter:
-    """One updating line on a terminal; a line every few seconds otherwise."""
+    """Every stage's progress on stderr: live bars (tqdm) on a terminal, plain
+    lines otherwise (one per stage start and end, and one every few seconds
+    while tasks finish). ``__call__`` takes task progress, :meth:`stage` the
+    stage events of :class:`fruitdask.pipeline.Timer`."""
+
+    #: Seconds between plain lines while a stage's tasks finish.
+    EVERY = 2.0
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or term.err
         self.tty = self.stream.isatty()
+        self.bar: Any = None
+        self.bar_stage = ""
         self.t0 = time.perf_counter()
         self.last = 0.0
 
+    def stage(self, stage: str, event: str, seconds: float) -> None:
+        if event == "begin":
+            self.t0 = time.perf_counter()
+            if not self.tty:
+                self._line(f"{stage}: started")
+        else:
+            self._close()
+            self._line(f"{stage}: done in {seconds:.2f}s")
+
     def __call__(self, stage: str, done: int, total: int, items: int) -> None:
+        unit = _UNITS.get(stage, "items")
         now = time.perf_counter()
-        final = done == total
-        if not self.tty and not final and now - self.last < 2.0:
+        rate = items / max(now - self.t0, 1e-9)
+        if self.tty:
+            self._bar(stage, done, total, items, unit, rate)
+            return
+        if done != total and now - self.last < self.EVERY:
             return
         self.last = now
-        rate = items / max(now - self.t0, 1e-9)
-        unit = "images" if stage in ("extract", "pack", "encode") else "descriptors"
-        line = f"{stage}: {done}/{total} partitions, {items:,} {unit} ({rate:,.0f}/s)"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
+        self._line(f"{stage}: {done}/{total} tasks, {items:,} {unit} ({rate:,.0f}/s)")
+
+    def note(self, line: str) -> None:
+        """A line from a stage that has no task counts (e.g. KMeans iterations)."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
         else:
-            self.stream.write(line + "\n")
+            self._line(line)
+
+    def _bar(self, stage: str, done: int, total: int, items: int, unit: str, rate: float):
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar_stage != stage:
+            self._close()
+            self.bar = tqdm(total=total, desc=stage, unit="task", file=self.stream, leave=True,
+                            dynamic_ncols=True)  # fmt: skip
+            self.bar_stage = stage
+        self.bar.set_postfix_str(f"{items:,} {unit}, {rate:,.0f}/s", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
         self.stream.flush()
-        if final:
-            self.t0 = time.perf_counter()
 
 
 # ---------------------------------------------------------------- signals

@@ -20,9 +20,11 @@ from fruitdask.cli._common import (
     add_storage_arguments,
     build_run_config,
     cluster_spec,
+    contacting,
     display_url,
     ensure_default_sample,
     open_cluster,
+    show_dashboard,
     storage_options_from_args,
     term,
 )
@@ -148,23 +150,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args, write_descriptors=False)
 
+    progress = None if args.quiet else ProgressPrinter()
+    timer = pipeline.Timer(progress.stage if progress else None, startup=0.0)
+
     def body(stop):
-        t = time.perf_counter()
-        listing = pipeline.list_input(cfg)
-        rows = classify.training_rows(listing)
-        classify.check_training(cfg.input, rows)
-        out = classify.prepare_output(cfg.output, cfg.out_storage_options, classify.TRAIN_FORMAT,
-                                      {"input": (cfg.input, cfg.storage_options)}, stop)  # fmt: skip
-        timer = pipeline.Timer(startup=0.0, listing=time.perf_counter() - t)
+        with timer("listing"), contacting(cfg.input, cfg.storage_options):
+            listing = pipeline.list_input(cfg)
+            rows = classify.training_rows(listing)
+            classify.check_training(cfg.input, rows)
+            out = classify.prepare_output(cfg.output, cfg.out_storage_options,
+                                          classify.TRAIN_FORMAT,
+                                          {"input": (cfg.input, cfg.storage_options)}, stop)  # fmt: skip
         try:
             if not args.quiet:
                 term.say(f"input: {cfg.input} ({len(listing):,} images, "
                          f"{rows['label'].nunique()} labels in the training rows)")  # fmt: skip
             pipeline.preload("incremental", wait=False)
             with open_cluster(spec, stop) as (client, startup):
-                timer.seconds["startup"] = startup
-                _dashboard(client, args.quiet)
-                progress = None if args.quiet else ProgressPrinter()
+                timer.record("startup", startup)
+                show_dashboard(client, spec, args.quiet)
                 summary = classify.train(cfg, client, opts, rows, out, progress,
                                          None if args.quiet else term.say, stop, timer)  # fmt: skip
         finally:
@@ -193,14 +197,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dashboard(client, quiet: bool) -> None:
-    from fruitdask.cluster import dashboard_link
-
-    link = dashboard_link(client)
-    if link and not quiet:
-        term.say(f"Dask dashboard: {link}")
-
-
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fruitdask import classify, pipeline
@@ -213,19 +209,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.input is None:
         args.input = ensure_default_sample(args.quiet)
 
+    progress = None if args.quiet else ProgressPrinter()
+    timer = pipeline.Timer(progress.stage if progress else None, startup=0.0)
+
     def body(stop):
-        t = time.perf_counter()
-        listing = pipeline.list_input(RunConfig(input=args.input, storage_options=so))
-        rows = classify.evaluation_rows(listing)
-        classify.check_evaluation(args.input, rows)
-        out = classify.prepare_output(args.output, so, classify.EVAL_FORMAT,
-                                      {"input": (args.input, so)}, stop)  # fmt: skip
-        timer = pipeline.Timer(startup=0.0, listing=time.perf_counter() - t)
+        with timer("listing"), contacting(args.input, so):
+            listing = pipeline.list_input(RunConfig(input=args.input, storage_options=so))
+            rows = classify.evaluation_rows(listing)
+            classify.check_evaluation(args.input, rows)
+            out = classify.prepare_output(args.output, so, classify.EVAL_FORMAT,
+                                          {"input": (args.input, so)}, stop)  # fmt: skip
         try:
             with open_cluster(spec, stop) as (client, startup):
-                timer.seconds["startup"] = startup
-                _dashboard(client, args.quiet)
-                progress = None if args.quiet else ProgressPrinter()
+                timer.record("startup", startup)
+                show_dashboard(client, spec, args.quiet)
                 summary = classify.evaluate(model, args.input, args.output, client, so, rows, out,
                                             args.partition_size, progress, stop, timer)  # fmt: skip
         finally:

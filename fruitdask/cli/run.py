@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import time
 from typing import Any
 
 from fruitdask.cli._common import (
@@ -18,10 +17,12 @@ from fruitdask.cli._common import (
     add_storage_arguments,
     build_run_config,
     cluster_spec,
+    contacting,
     display_url,
     ensure_default_sample,
     open_cluster,
     positive,
+    show_dashboard,
     storage_options_from_args,
     term,
 )
@@ -183,20 +184,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_run_config(args)
     check_report_path(args.report)
 
+    progress = None if args.quiet else ProgressPrinter()
+    timer = pipeline.Timer(progress.stage if progress else None, startup=0.0)
+
     def body(stop):
-        t = time.perf_counter()
-        listing, out = pipeline.preflight(cfg, stop)
-        timer = pipeline.Timer(startup=0.0, listing=time.perf_counter() - t)
+        with timer("listing"), contacting(cfg.input, cfg.storage_options):
+            listing, out = pipeline.preflight(cfg, stop)
         try:
             if not args.quiet:
                 labels = listing["label"].nunique()
                 term.say(f"input: {cfg.input} ({len(listing):,} images, {labels} labels)")
             pipeline.preload(cfg.pca_method, wait=False)  # overlaps the cluster start
             with open_cluster(spec, stop) as (client, startup):
-                timer.seconds["startup"] = startup
-                _show_dashboard(client, args.quiet)
+                timer.record("startup", startup)
+                show_dashboard(client, spec, args.quiet)
                 with performance_report(args.report):
-                    progress = None if args.quiet else ProgressPrinter()
                     summary = pipeline.run(cfg, client, progress, stop, listing, out, timer)
         finally:
             out.release()
@@ -218,14 +220,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_dashboard(client, quiet: bool) -> None:
-    from fruitdask.cluster import dashboard_link
-
-    link = dashboard_link(client)
-    if link and not quiet:
-        term.say(f"Dask dashboard: {link}")
-
-
 # ---------------------------------------------------------------- pack
 def cmd_pack(args: argparse.Namespace) -> int:
     from fruitdask import pack
@@ -242,7 +236,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             if job.already_complete:
                 return job.summary
             with open_cluster(spec, stop) as (client, _):
-                _show_dashboard(client, args.quiet)
+                show_dashboard(client, spec, args.quiet)
                 progress = None if args.quiet else ProgressPrinter()
                 return pack.run_pack(job, client, args.shard_size, args.row_group_size,
                                      progress, stop)  # fmt: skip
