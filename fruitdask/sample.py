@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fruitdask.errors import OutputExistsError
+
 __all__ = [
     "CLASS_NAMES",
     "ClassLook",
@@ -354,12 +356,12 @@ def _generate(
             return SampleSummary(
                 str(root), len(plan), old["training"], old["test"], 0.0, cached=True
             )
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{root}: holds a sample generated with other parameters ({old.get('params')}); "
             "remove it or choose another folder"
         )
     if root.exists() and any(root.iterdir()) and not (root / _PARTIAL).exists():
-        raise FileExistsError(f"{root}: exists and is not empty; choose a new folder")
+        raise OutputExistsError(f"{root}: exists and is not empty; choose a new folder")
     root.mkdir(parents=True, exist_ok=True)
     (root / _PARTIAL).write_text(json.dumps(params))
 
@@ -399,7 +401,7 @@ def generate(
     ----------
     out_dir : path
         Folder to create. A folder already holding the same sample is reused as a
-        cache; any other non-empty folder is refused (``FileExistsError``).
+        cache; any other non-empty folder is refused (``OutputExistsError``).
     classes : int
         Number of classes, the first ``classes`` of :data:`CLASS_NAMES`.
     per_class : int
@@ -437,11 +439,13 @@ def generate_total(
 ) -> SampleSummary:
     """Generate exactly ``total`` images spread evenly over ``classes`` classes.
 
-    ``generate_total(out, 90483)`` makes a tree the size of Fruits-360 (131 classes).
+    ``generate_total(out, 90483)`` makes a tree the size of Fruits-360 (131
+    classes). With fewer images than classes, there are as many classes as images.
     """
-    names = class_names(classes)
     if total < 1:
         raise ValueError(f"total must be >= 1, got {total}")
+    classes = min(classes, total)
+    names = class_names(classes)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     plan = []

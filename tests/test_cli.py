@@ -1,13 +1,15 @@
-"""The CLI end to end, through a subprocess: the newcomer's command, exit codes,
-messages, the JSON summary, and the dashboard answering while a run is in flight."""
+"""The command line's contract, through a subprocess: the newcomer's command,
+stdout for the result and stderr for the rest, exact JSON, exit codes, refusals
+before any cluster starts, a closed pipe, the dashboard while a run is in flight."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,156 +17,164 @@ import pyarrow.parquet as pq
 import pytest
 
 from fruitdask import sample
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    # another run (or a helper) may hold 8787: the tests take any free port
-    env["DASK_FRUITDASK__CLUSTER__DASHBOARD_ADDRESS"] = "127.0.0.1:0"
-    return env
+from fruitdask.testing import committed_tables
 
 
-def fruitdask(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300):
-    return subprocess.run(
-        [sys.executable, "-m", "fruitdask", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _log_text(cli) -> str:
+    logs = cli.home / "cache" / "fruitdask" / "logs"
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log")))
 
 
 @pytest.mark.slow
-def test_no_arguments_runs_the_embedded_default(tmp_path):
+def test_no_arguments_runs_the_embedded_default(cli):
     """README command 1: `python -m fruitdask run` with nothing else works."""
-    env = _env(tmp_path)
-    r = fruitdask("run", "--workers", "2", cwd=tmp_path, env=env)
+    r = cli.run("run", "--workers", "2")
     assert r.returncode == 0, r.stderr
-    out = tmp_path / "fruitdask-output"
-    assert (out / "_SUCCESS").exists()
-    lines = r.stdout.splitlines()
-    dash = [i for i, x in enumerate(lines) if x.startswith("Dask dashboard: http://127.0.0.1:")]
-    summary = [i for i, x in enumerate(lines) if x.startswith("images:")]
-    assert dash and summary and dash[0] < summary[0]  # URL printed before the work
-    manifest = json.loads((out / "manifest.json").read_text())
-    images = pq.read_table(out / "images")
-    assert manifest["counts"]["images"] == images.num_rows > 1000
-    assert f"{images.num_rows:,}" in lines[summary[0]]
-    assert "stages:" in r.stdout and "throughput:" in r.stdout
-    # the sample is generated once into the cache
-    assert (tmp_path / "cache" / "fruitdask").is_dir()
+    out = cli.home / "fruitdask-output"
+    snap = committed_tables(str(out))
+    assert snap is not None
+    err = r.stderr.splitlines()
+    assert any(x.startswith("Dask dashboard: http://127.0.0.1:") for x in err)
+    images = sum(t.num_rows for t in snap["tables"]["images"])
+    assert snap["manifest"]["counts"]["images"] == images > 1000
+    assert f"images: {images:,}" in r.stdout and "stages:" in r.stdout
+    assert (out / "report.html").exists() and "report:" in r.stdout
+    assert (cli.home / "cache" / "fruitdask").is_dir()  # the sample, generated once
 
 
-def test_run_json_summary_and_refusal(tmp_path, sample_dir):
-    env = _env(tmp_path)
-    out = tmp_path / "out"
-    args = ["run", "-i", str(sample_dir), "-o", str(out), "--workers", "1", "--quiet"]
-    r = fruitdask(*args, "--json", cwd=tmp_path, env=env)
+def test_json_is_the_only_thing_on_stdout(cli, sample_dir):
+    out = cli.home / "out"
+    r = cli.run("run", "-i", str(sample_dir), "-o", str(out), "--workers", "1", "--json")
     assert r.returncode == 0, r.stderr
-    s = json.loads(r.stdout)
+    s = json.loads(r.stdout)  # exactly one document, progress or not
     n = len(list(sample_dir.rglob("*.jpg")))
-    assert s["images"] == s["ok"] == n
+    assert s["images"] == s["ok"] == n and s["run_id"]
     assert s["descriptors"] == pq.read_table(out / "features").num_rows
-    # an existing output is refused: one line, exit 2, old result untouched
-    before = (out / "_SUCCESS").read_text()
-    r = fruitdask(*args, cwd=tmp_path, env=env)
-    assert r.returncode == 2
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
-    assert (out / "_SUCCESS").read_text() == before
-    r = fruitdask(*args, "--overwrite", cwd=tmp_path, env=env)
+    assert "extract:" in r.stderr and "Dask dashboard" in r.stderr  # progress goes to stderr
+    assert s["report"] and Path(s["report"]).exists()
+
+
+def test_an_existing_output_is_refused_before_any_cluster_starts(cli, sample_dir):
+    out = cli.home / "out"
+    args = ["run", "-i", str(sample_dir), "-o", str(out), "--workers", "1", "--quiet"]
+    r = cli.run(*args)
     assert r.returncode == 0, r.stderr
-    assert (out / "_SUCCESS").read_text() != before
+    before = (out / "_SUCCESS").read_text()
+    logs = cli.home / "cache" / "fruitdask" / "logs"
+    for p in logs.glob("*.log"):
+        p.unlink()
+    r = cli.run(*args)
+    cli.one_line(r, str(out), "--overwrite")
+    assert (out / "_SUCCESS").read_text() == before
+    # no cluster was started: the scheduler never logged a line
+    assert "distributed.scheduler" not in _log_text(cli)
 
 
 @pytest.mark.parametrize(
-    "args, needle",
+    "args",
     [
-        (["run", "-i", "{missing}", "-o", "{out}"], "{missing}"),
-        (["run", "-i", "{empty}", "-o", "{out}"], "no image files"),
-        (["run", "-i", "{sample}", "-o", "{out}", "--n-components", "33"], "n-components"),
-        (["run", "-i", "{sample}", "-o", "{out}", "--partition-size", "-5"], "partition-size"),
-        (["run", "--no-such-flag"], "--no-such-flag"),
-        (["run", "-i", "{sample}", "-o", "{out}", "--cluster", "tcp://127.0.0.1:9"], "scheduler"),
-        (["run", "-i", "{sample}", "-o", "{out}", "--workers", "0"], "workers"),
+        ["sample", "{tmp}/s", "--classes", "2", "--per-class", "2"],
+        ["config"],
+        ["plan", "--images", "90483", "--deadline", "10m"],
+        ["emr", "create", "--dry-run", "--bootstrap-uri", "s3://b/boot.sh",
+         "--package", "fruitdask", "--log-uri", "s3://b/logs"],
     ],
-)
-def test_errors_are_one_line_exit_2_nothing_written(tmp_path, sample_dir, args, needle):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    subs = {
-        "missing": str(tmp_path / "nope"),
-        "empty": str(tmp_path / "empty"),
-        "sample": str(sample_dir),
-        "out": str(tmp_path / "out"),
-    }
-    r = fruitdask(*[a.format(**subs) for a in args], cwd=tmp_path, env=_env(tmp_path))
-    assert r.returncode == 2
-    lines = [x for x in r.stderr.splitlines() if x.startswith("fruitdask: error:")]
-    assert len(lines) == 1 and needle.format(**subs) in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    ids=["sample", "config", "plan", "emr-dry-run"],
+)  # fmt: skip
+def test_a_closed_pipe_ends_quietly(cli, args):
+    """`fruitdask ... | head -1`: no BrokenPipeError traceback, exit 0."""
+    argv = [a.format(tmp=cli.home) for a in args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fruitdask", *argv], cwd=cli.home, env=cli.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader has all it wants
+    err = proc.stderr.read()
+    assert proc.wait(120) == 0, err
+    assert first and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_sample_command(tmp_path):
-    env = _env(tmp_path)
-    r = fruitdask(
-        "sample", str(tmp_path / "s"), "--classes", "4", "--per-class", "3", cwd=tmp_path, env=env
-    )
+def test_help_shows_defaults_and_no_internal_notes(cli):
+    r = cli.run("--help")
+    assert r.returncode == 0 and "argument parsing" not in r.stdout
+    r = cli.run("sample", "--help")
+    assert "(default: 131)" in r.stdout and "(40)" in r.stdout
+    r = cli.run("run", "--help")
+    assert "(default: 1000)" in r.stdout and "(default: 40,000,000)" in r.stdout
+
+
+def test_sample_command(cli):
+    r = cli.run("sample", str(cli.home / "s"), "--classes", "4", "--per-class", "3")
     assert r.returncode == 0, r.stderr
-    assert "16 images" in r.stdout  # 4 x (3 Training + 1 Test)
-    assert len(list((tmp_path / "s" / "Training").iterdir())) == 4
-    r = fruitdask("sample", str(tmp_path / "s"), "--classes", "5", cwd=tmp_path, env=env)
-    assert r.returncode == 2 and "other parameters" in r.stderr
+    assert "16 images" in r.stdout and "in 4 classes" in r.stdout  # 4 x (3 + 1 Test)
+    assert len(list((cli.home / "s" / "Training").iterdir())) == 4
+    r = cli.run("sample", str(cli.home / "t"), "--total", "10")
+    assert r.returncode == 0, r.stderr
+    classes = {p.parent.name for p in (cli.home / "t").rglob("*.jpg")}
+    assert f"in {len(classes)} classes" in r.stdout
+    r = cli.run("sample", str(cli.home / "u"), "--total", "10", "--per-class", "3")
+    cli.one_line(r, "not allowed with")
+    r = cli.run("sample", str(cli.home / "s"), "--classes", "5")
+    cli.one_line(r, "other parameters")
+
+
+def test_a_busy_dashboard_port_is_one_line(cli, sample_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli.run("run", "-i", str(sample_dir), "-o", str(cli.home / "out"), "--workers", "1",
+                    "--dashboard-address", f"127.0.0.1:{port}", "--no-report")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"note: port {port} was busy; the dashboard is on port" in r.stderr
+    assert "UserWarning" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_performance_report_works_offline(cli, sample_dir):
+    report = cli.home / "perf.html"
+    r = cli.run("run", "-i", str(sample_dir), "-o", str(cli.home / "out"), "--workers", "1",
+                "--report", str(report), "--no-report")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    html = report.read_text()
+    assert "cdn.bokeh.org" not in html and "Bokeh" in html
+    assert str(report) in r.stdout  # the summary says where it is
+
+
+def test_worker_noise_goes_to_the_log_not_the_terminal(cli, sample_dir):
+    r = cli.run("run", "-i", str(sample_dir), "-o", str(cli.home / "out"), "--workers", "1",
+                "--quiet", "--no-report")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # --quiet: nothing but the result
+    assert "distributed.scheduler" in _log_text(cli)  # it went here
 
 
 @pytest.fixture(scope="module")
 def bigger_sample(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bigger") / "fruits"
-    sample.generate_total(root, 3000, classes=30, seed=4)
+    sample.generate_total(root, 600, classes=6, seed=4)
     return root
 
 
-@pytest.mark.slow
-def test_dashboard_answers_during_a_run(tmp_path, bigger_sample):
-    """The printed dashboard URL serves /status while the job is in flight."""
-    env = _env(tmp_path)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fruitdask", "run", "-i", str(bigger_sample), "-o", str(out),
-         "--workers", "2", "--partition-size", "25"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+def test_dashboard_answers_during_a_run(cli, bigger_sample):
+    """The printed dashboard URL serves /status while the job is in flight (its
+    workers are held stopped while we ask, so the run cannot end first)."""
+    out = cli.home / "out"
+    run = cli.watch("run", "-i", str(bigger_sample), "-o", str(out), "--workers", "1",
+                    "--partition-size", "25", "--no-report")  # fmt: skip
+    assert run.wait_for(run.line("Dask dashboard: "))
+    url = next(x for x in run.lines if x.startswith("Dask dashboard: ")).split(": ", 1)[1]
+    workers = [p for p in cli.processes() if p.pid != run.proc.pid]
+    assert workers
+    for p in workers:
+        os.kill(p.pid, signal.SIGSTOP)
     try:
-        url = None
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("Dask dashboard: "):
-                url = line.split(": ", 1)[1].strip()
-                break
-        assert url and url.startswith("http://127.0.0.1:") and url.endswith("/status")
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+        with urllib.request.urlopen(url, timeout=60) as resp:
             assert resp.status == 200
-            body = resp.read().decode()
-        assert "bokeh" in body.lower() or "dask" in body.lower()
-        in_flight = proc.poll() is None and not (out / "_SUCCESS").exists()
-        assert in_flight, "the run ended before the dashboard was asked; make it longer"
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+            assert "dask" in resp.read().decode().lower()
+        assert run.proc.poll() is None and not (out / "_SUCCESS").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for p in workers:
+            os.kill(p.pid, signal.SIGCONT)
+    assert run.finish() == 0, run.lines[-5:]

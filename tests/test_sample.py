@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fruitdask import sample
+from fruitdask.errors import OutputExistsError
 from fruitdask.features import OrbParams, extract
 
 
@@ -39,12 +40,12 @@ def test_cache_and_refusals(tmp_path):
     sample.generate(root, classes=2, per_class=3, seed=0)
     again = sample.generate(root, classes=2, per_class=3, seed=0)
     assert again.cached and again.training == 6
-    with pytest.raises(FileExistsError, match="other parameters"):
+    with pytest.raises(OutputExistsError, match="other parameters"):
         sample.generate(root, classes=2, per_class=4, seed=0)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("do not delete")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         sample.generate(foreign, classes=2, per_class=3)
     assert (foreign / "thesis.txt").read_text() == "do not delete"
     with pytest.raises(ValueError, match="classes"):

@@ -214,9 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             term.result(json.dumps({"output": cfg.output, "already_complete": True}))
         return 0
-    term.result(json.dumps(_summary_json(summary)) if args.json else _summary_text(summary))
+    text = _summary_text(summary)
     if args.report:
-        term.say(f"performance report: {display_url(args.report)}")
+        text += f"\nperformance report: {display_url(args.report)}"
+    term.result(json.dumps(_summary_json(summary)) if args.json else text)
     return 0
 
 
