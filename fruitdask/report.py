@@ -663,32 +663,40 @@ def _class_chart(df: pd.DataFrame) -> tuple[bytes | None, str]:
     )
     if _mpl() is None or not len(pivot):
         return None, table
-    n = len(pivot)
     several = bool((pivot[[c for c in pivot.columns if c != "ok"]].to_numpy() > 0).any())
-    if n > 200:
-        # too many to name: the sorted totals show the balance, the table the names
-        order = total.sort_values(ascending=False).index
-        p = pivot.loc[order]
-        fig = _new_fig(11, 3.6)
-        ax = fig.add_subplot(1, 1, 1)
-        x = np.arange(n)
-        bottom = np.zeros(n)
-        for s in p.columns:
-            vals = p[s].to_numpy(float)
-            if vals.any() or s == "ok":
-                ax.bar(x, vals, bottom=bottom, color=STATUS_COLORS.get(s, "#888"), label=s, width=1)
-            bottom += vals
-        ax.set_xticks([])
-        ax.set_xlim(-0.5, n - 0.5)
-        ax.set_xlabel(f"{n:,} classes, from most to fewest images")
-        ax.set_ylabel("images")
-        _style(ax)
-        ax.grid(axis="x", visible=False)
-        if several:
-            ax.legend(loc="upper right", fontsize=8, frameon=False)
-        fig.suptitle("images per class, by status")
-        return _save(fig), table
-    # one to four panels of horizontal bars, classes by name, top to bottom
+    if len(pivot) > 200:
+        return _sorted_class_bars(pivot, total, several), table
+    return _named_class_bars(pivot, vmax, several), table
+
+
+def _sorted_class_bars(pivot: pd.DataFrame, total: pd.Series, several: bool) -> bytes:
+    """Too many classes to name: the sorted totals show the balance (the table the names)."""
+    n = len(pivot)
+    p = pivot.loc[total.sort_values(ascending=False).index]
+    fig = _new_fig(11, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    for s in p.columns:
+        vals = p[s].to_numpy(float)
+        if vals.any() or s == "ok":
+            ax.bar(x, vals, bottom=bottom, color=STATUS_COLORS.get(s, "#888"), label=s, width=1)
+        bottom += vals
+    ax.set_xticks([])
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xlabel(f"{n:,} classes, from most to fewest images")
+    ax.set_ylabel("images")
+    _style(ax)
+    ax.grid(axis="x", visible=False)
+    if several:
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    fig.suptitle("images per class, by status")
+    return _save(fig)
+
+
+def _named_class_bars(pivot: pd.DataFrame, vmax: float, several: bool) -> bytes:
+    """One to four panels of horizontal bars, classes by name, top to bottom."""
+    n = len(pivot)
     ncols = 1 if n <= 30 else min(4, math.ceil(n / 45))
     per = math.ceil(n / ncols)
     width = 10 if ncols == 1 else 11.5
@@ -718,16 +726,10 @@ def _class_chart(df: pd.DataFrame) -> tuple[bytes | None, str]:
         for ax in axes:
             for h, name in zip(*ax.get_legend_handles_labels(), strict=True):
                 seen.setdefault(name, h)
-        fig.legend(
-            list(seen.values()),
-            list(seen),
-            loc="outside upper right",
-            fontsize=8,
-            frameon=False,
-            ncols=3,
-        )
+        fig.legend(list(seen.values()), list(seen), loc="outside upper right", fontsize=8,
+                   frameon=False, ncols=3)  # fmt: skip
     fig.suptitle("images per class, by status")
-    return _save(fig), table
+    return _save(fig)
 
 
 def _run_images(df: pd.DataFrame) -> _Section:
@@ -894,6 +896,11 @@ def _run_pca(output_url: str, manifest: dict[str, Any], so: Options) -> tuple[_S
     if all_zero:
         body += "<p>Every fitted axis is within 0.01° of the exact PCA's.</p>"
         angles = []
+    return _Section("pca", "PCA", body + _scree(model, ratio, cum, angles)), model
+
+
+def _scree(model, ratio: np.ndarray, cum: np.ndarray, angles: list[float]) -> str:
+    """The scree plot, and the principal angles to the exact PCA beside it."""
     fig = _new_fig(10 if angles else 7, 3.8)
     ax = fig.add_subplot(1, 2 if angles else 1, 1)
     x = np.arange(1, len(ratio) + 1)
@@ -918,7 +925,7 @@ def _run_pca(output_url: str, manifest: dict[str, Any], so: Options) -> tuple[_S
         ax2.set_xticks(xa if len(xa) <= 32 else xa[:: max(1, len(xa) // 16)])
         _style(ax2)
         ax2.grid(axis="x", visible=False)
-    body += _figure(
+    return _figure(
         _save(fig),
         "PCA scree plot",
         ("Left: " if angles else "")
@@ -929,7 +936,6 @@ def _run_pca(output_url: str, manifest: dict[str, Any], so: Options) -> tuple[_S
             else ""
         ),
     )
-    return _Section("pca", "PCA", body), model
 
 
 def _scatter_sample(
@@ -1507,12 +1513,19 @@ def _eval_sections(
     input_so: Options,
     limits: ReportLimits,
 ) -> list[_Section]:
-    from fruitdask.metrics import compute_metrics
+    return [
+        _eval_summary(manifest),
+        _eval_accuracy(manifest),
+        *_eval_confusion(output_url, manifest, so, input_so, limits),
+        _eval_per_class(manifest),
+        _timeline_section("timeline", manifest),
+    ]
 
+
+def _eval_summary(manifest: dict[str, Any]) -> _Section:
     c = manifest.get("counts") or {}
     base = manifest.get("baseline") or {}
     acc = manifest.get("accuracy")
-    sections = []
     summary = _cards(
         [
             ("accuracy", _num(acc, 3)),
@@ -1529,9 +1542,12 @@ def _eval_sections(
         f"evaluated on the {manifest.get('split', '?')} split of {manifest.get('input', '?')}. "
         "Images without keypoints cannot be classified and count as wrong."
     )
-    sections.append(_Section("summary", "Summary", summary))
+    return _Section("summary", "Summary", summary)
 
-    # accuracy against the baseline
+
+def _eval_accuracy(manifest: dict[str, Any]) -> _Section:
+    """Accuracy against the majority-class baseline."""
+    base = manifest.get("baseline") or {}
     wanted = [
         ("this model", manifest.get("accuracy"), "#2f6db5"),
         ("this model, top-3", manifest.get("top3_accuracy"), "#7aa6d8"),
@@ -1564,9 +1580,13 @@ def _eval_sections(
             cls="num",
             raw=True,
         )
-    sections.append(_Section("accuracy", "Accuracy", body))
+    return _Section("accuracy", "Accuracy", body)
 
-    # predictions -> confusion matrix and confused pairs
+
+def _eval_confusion(output_url, manifest, so, input_so, limits) -> list[_Section]:
+    """The confusion matrix and the most confused pairs, from the predictions."""
+    from fruitdask.metrics import compute_metrics
+
     listed = manifest.get("files") or {}
     names = listed.get("evaluation", []) if isinstance(listed, dict) else listed
     predictions = [f for f in names if str(f).startswith("predictions")]
@@ -1600,15 +1620,14 @@ def _eval_sections(
                 + ", ".join(f"{_e(_label(k))} {v}" for k, v in m["not_classified"].items())
                 + ".</p>"
             )
-        sections.append(_Section("confusion", "Confusion matrix", body))
-        sections.append(_confused_pairs(manifest, pred, cm, labels, input_so, limits))
-    else:
-        sections.append(
-            _Section(
-                "confusion", "Confusion matrix", _note("No predictions.parquet in this output.")
-            )
-        )
+        return [
+            _Section("confusion", "Confusion matrix", body),
+            _confused_pairs(manifest, pred, cm, labels, input_so, limits),
+        ]
+    return [_Section("confusion", "Confusion matrix", _note("No predictions in this output."))]
 
+
+def _eval_per_class(manifest: dict[str, Any]) -> _Section:
     per = manifest.get("per_class") or {}
     rows = sorted(per.items(), key=lambda kv: (kv[1].get("f1", 0), kv[0]))
     body = _table(
@@ -1627,9 +1646,7 @@ def _eval_sections(
         cls="num",
         raw=True,
     )
-    sections.append(_Section("per-class", "Per class (worst F1 first)", body))
-    sections.append(_timeline_section("timeline", manifest))
-    return sections
+    return _Section("per-class", "Per class (worst F1 first)", body)
 
 
 def _confused_pairs(

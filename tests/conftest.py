@@ -90,7 +90,6 @@ class Watched:
         return code
 
 
-
 @dataclass
 class Cli:
     """Runs ``python -m fruitdask`` (or ``spark_parity``) in a subprocess."""

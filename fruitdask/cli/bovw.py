@@ -40,6 +40,12 @@ _CLASSIFIERS = ("logreg-hellinger", "logreg")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train``, ``evaluate`` and ``predict`` sub-commands."""
+    _register_train(sub)
+    _register_evaluate(sub)
+    _register_predict(sub)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
         help="fit visual words + a classifier on the Training split",
@@ -84,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cluster_arguments(t)
     t.set_defaults(func=cmd_train, resume_hint="run it again")
 
+
+def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="accuracy, per-class precision/recall and a confusion matrix on the Test split",
@@ -105,6 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cluster_arguments(e)
     e.set_defaults(func=cmd_evaluate, resume_hint="run it again")
 
+
+def _register_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="top-k classes for images (local files or URLs), without a cluster",
