@@ -113,7 +113,7 @@ def run(
             summary = _summary(cfg, run_state, res)
             run_state.write_bytes(summary.files["model"][0], res["model"].to_json().encode())
             summary.timings = timer.rounded()
-            manifest = _manifest(cfg, summary, res["counts"], spark, profile, src.reader, cores)
+            manifest = _manifest(cfg, summary, res["counts"], spark, profile, src, cores)
             out.publish(run_state, manifest, stop=stop)
         summary.timings = timer.rounded()
         return summary
@@ -232,9 +232,11 @@ def _versions(spark) -> dict[str, str]:
     return versions
 
 
-def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict[str, Any]:
+def _manifest(cfg, s: RunSummary, counts, spark, profile, src: Source, cores) -> dict[str, Any]:
     from spark_parity.session import ui_url
 
+    # folders the driver's listing could not read (none known when Spark lists)
+    unlisted = (src.listing.attrs.get("unlisted") if src.listing is not None else None) or []
     work = sum(v for k, v in s.timings.items() if k != "startup")
     sc = spark.sparkContext
     try:
@@ -247,7 +249,7 @@ def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict
         "config": cfg.public_dict(),
         "storage_options": recordable_options(cfg.storage_options),
         "cluster": {"workers": executors, "threads": cores, "master": sc.master,
-                    "profile": profile, "reader": reader, "ui": ui_url(spark)},
+                    "profile": profile, "reader": src.reader, "ui": ui_url(spark)},
         "counts": {
             "images": s.images,
             "ok": s.images_ok,
@@ -257,7 +259,9 @@ def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict
             "partitions": s.partitions,
             "partitions_resumed": 0,
             "labels": len(counts["labels"]),
+            "folders_not_listed": len(unlisted),
         },
+        "not_listed": [{"path": p, "reason": r} for p, r in unlisted[:100]],
         "timings": s.timings,
         "throughput": {
             "images_per_s": round(s.images / work, 1) if work else None,
