@@ -187,6 +187,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
         timer = Timer(startup=0.0, listing=time.perf_counter() - t)
         try:
+            # no usable pyspark or Java: one line, before any note
+            session.import_pyspark()
+            session.find_java()
             if not args.quiet:
                 what = f"{len(listing):,} images" if listing is not None else "listed by Spark"
                 term.say(f"input: {cfg.input} ({what})")
