@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 what = f"{len(listing):,} images" if listing is not None else "listed by Spark"
                 term.say(f"input: {cfg.input} ({what})")
-            with session.start(spec) as (spark, startup):
+            with session.start(spec, stop) as (spark, startup):
                 timer.seconds["startup"] = startup
                 stop.check()
                 ui[0] = session.ui_url(spark)
