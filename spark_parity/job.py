@@ -27,7 +27,7 @@ import pandas as pd
 from fruitdask import io, source, tables
 from fruitdask.cancel import StopToken
 from fruitdask.config import RunConfig
-from fruitdask.errors import FruitdaskError, JobError, one_line, retrying
+from fruitdask.errors import FruitdaskError, JobError, OutputExistsError, one_line, retrying
 from fruitdask.output import OutputDir, RunState, library_versions, new_run_id, recordable_options
 from fruitdask.pca import PcaModel
 from fruitdask.pipeline import RunSummary, Timer, settings_of
@@ -64,7 +64,11 @@ def preflight(
     io.check_reachable(cfg.input, cfg.storage_options)
     listing = None if native_s3 else retrying(source.list_input)(cfg.input, cfg.storage_options)
     out = OutputDir(cfg.output, cfg.out_storage_options)
-    out.check("overwrite" if cfg.overwrite else "new", {"input": (cfg.input, cfg.storage_options)})
+    state = out.check("overwrite", {"input": (cfg.input, cfg.storage_options)})
+    if state != "empty" and not cfg.overwrite:  # this job does not resume: one way out
+        raise OutputExistsError(
+            f"{cfg.output}: output already exists (use --overwrite to replace it)"
+        )
     out.lock(new_run_id(), stop=stop)
     return listing, out
 
