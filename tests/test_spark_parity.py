@@ -537,6 +537,8 @@ def test_json_result_and_killed_overwrite_keeps_the_old_result(cli, s3, spark, s
     process group) after it wrote new files beside the old ones leaves the old
     run committed and readable; the next overwrite takes the dead run's lock
     over and deletes what it left."""
+    from spark_parity import job
+
     so = s3.storage_options
     out = f"{s3.make_bucket()}/out"
     # many small partitions on two cores: after the first one is written, the
@@ -581,6 +583,9 @@ def test_json_result_and_killed_overwrite_keeps_the_old_result(cli, s3, spark, s
 
     # the next overwrite: a dead holder's lock is taken over; what the killed run left goes
     cfg = RunConfig(input=str(sample_dir), output=out, output_storage_options=so, overwrite=True)
+    with pytest.raises(OutputExistsError, match="--overwrite") as err:  # no --resume here
+        job.preflight(cfg.with_(overwrite=False))
+    assert "--resume" not in str(err.value)
     third = _spark_run(spark, cfg)
     assert result_signature(out, so) == old and _manifest(out, so)["run_id"] == third.run_id
     names = [n for t in TABLES for n in io.ls(io.join(out, t), so)]
