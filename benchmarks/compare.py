@@ -225,7 +225,7 @@ def _kernel_chunk(args: tuple[str, list[str], dict[str, Any]]) -> int:
     params = OrbParams()
     orb = params.create()
     n = 0
-    for blob in io.read_bytes(root, paths, so):
+    for blob in io.iter_objects(root, paths, so):
         if isinstance(blob, bytes):
             n += len(extract(blob, params, orb).descriptors)
     return n
@@ -255,6 +255,15 @@ def kernel(
     t = time.perf_counter()
     n = sum(pool.map(_kernel_chunk, chunks))
     return time.perf_counter() - t, _pool_cpu(pool) - cpu, n
+
+
+def _remove_tree(url: str, so: dict) -> None:
+    """Delete an engine's output folder or prefix (the benchmark's own, whole)."""
+    from fruitdask import io
+
+    fs, root = io.filesystem(url, so)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 # ---------------------------------------------------------------- parity
@@ -653,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.cores < 1:
         ap.error("--repeat and --cores must be >= 1")
 
-    from fruitdask import io, sample
+    from fruitdask import sample, source
 
     out_dir = Path(args.out or REPO / "bench-results" / time.strftime("compare-%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -683,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             inp = args.input
         remote = "://" in inp and not inp.startswith("file://")
-        listing = io.list_images(inp, so)
+        listing = source.list_input(inp, so)
         paths = listing["path"].tolist()
         n = len(paths)
         if args.engines:
@@ -749,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['peak_rss_bytes'] / 2**30:.2f} GiB)"
                     )
                     if k > 0:
-                        io.remove_tree(outputs[e], so)  # keep the disk use to one round
+                        _remove_tree(outputs[e], so)  # keep the disk use to one round
                     outputs[e] = out
                 rounds.append(this)
                 print("  " + ", ".join(line), flush=True)
@@ -785,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nparity: {'OK' if report['ok'] else 'FAILED'}")
         print(f"written: {out_dir / 'results.json'}, results.md, results.png")
         for url in outputs.values():
-            io.remove_tree(url, so)
+            _remove_tree(url, so)
         return 0 if report["ok"] else 1
     finally:
         if server is not None:

@@ -172,10 +172,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         with timer("listing"):
             listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
         try:
+            # no usable pyspark or Java: one line, before any note
+            session.import_pyspark()
+            session.find_java()
             if not args.quiet:
                 what = f"{len(listing):,} images" if listing is not None else "listed by Spark"
                 term.say(f"input: {cfg.input} ({what})")
-            with session.start(spec) as (spark, startup):
+            with session.start(spec, stop) as (spark, startup):
                 timer.record("startup", startup)
                 stop.check()
                 ui[0] = session.ui_url(spark)

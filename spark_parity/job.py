@@ -27,7 +27,7 @@ import pandas as pd
 from fruitdask import io, source, tables
 from fruitdask.cancel import StopToken
 from fruitdask.config import RunConfig
-from fruitdask.errors import FruitdaskError, JobError, one_line, retrying
+from fruitdask.errors import FruitdaskError, JobError, OutputExistsError, one_line, retrying
 from fruitdask.output import OutputDir, RunState, library_versions, new_run_id, recordable_options
 from fruitdask.pca import PcaModel
 from fruitdask.pipeline import RunSummary, Timer, settings_of
@@ -64,7 +64,11 @@ def preflight(
     io.check_reachable(cfg.input, cfg.storage_options)
     listing = None if native_s3 else retrying(source.list_input)(cfg.input, cfg.storage_options)
     out = OutputDir(cfg.output, cfg.out_storage_options)
-    out.check("overwrite" if cfg.overwrite else "new", {"input": (cfg.input, cfg.storage_options)})
+    state = out.check("overwrite", {"input": (cfg.input, cfg.storage_options)})
+    if state != "empty" and not cfg.overwrite:  # this job does not resume: one way out
+        raise OutputExistsError(
+            f"{cfg.output}: output already exists (use --overwrite to replace it)"
+        )
     out.lock(new_run_id(), stop=stop)
     return listing, out
 
@@ -113,7 +117,7 @@ def run(
             summary = _summary(cfg, run_state, res)
             run_state.write_bytes(summary.files["model"][0], res["model"].to_json().encode())
             summary.timings = timer.rounded()
-            manifest = _manifest(cfg, summary, res["counts"], spark, profile, src.reader, cores)
+            manifest = _manifest(cfg, summary, res["counts"], spark, profile, src, cores)
             out.publish(run_state, manifest, stop=stop)
         summary.timings = timer.rounded()
         return summary
@@ -232,9 +236,11 @@ def _versions(spark) -> dict[str, str]:
     return versions
 
 
-def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict[str, Any]:
+def _manifest(cfg, s: RunSummary, counts, spark, profile, src: Source, cores) -> dict[str, Any]:
     from spark_parity.session import ui_url
 
+    # folders the driver's listing could not read (none known when Spark lists)
+    unlisted = (src.listing.attrs.get("unlisted") if src.listing is not None else None) or []
     work = sum(v for k, v in s.timings.items() if k != "startup")
     sc = spark.sparkContext
     try:
@@ -247,7 +253,7 @@ def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict
         "config": cfg.public_dict(),
         "storage_options": recordable_options(cfg.storage_options),
         "cluster": {"workers": executors, "threads": cores, "master": sc.master,
-                    "profile": profile, "reader": reader, "ui": ui_url(spark)},
+                    "profile": profile, "reader": src.reader, "ui": ui_url(spark)},
         "counts": {
             "images": s.images,
             "ok": s.images_ok,
@@ -257,7 +263,9 @@ def _manifest(cfg, s: RunSummary, counts, spark, profile, reader, cores) -> dict
             "partitions": s.partitions,
             "partitions_resumed": 0,
             "labels": len(counts["labels"]),
+            "folders_not_listed": len(unlisted),
         },
+        "not_listed": [{"path": p, "reason": r} for p, r in unlisted[:100]],
         "timings": s.timings,
         "throughput": {
             "images_per_s": round(s.images / work, 1) if work else None,

@@ -28,7 +28,7 @@ import pandas as pd
 
 from fruitdask import io, source
 from fruitdask.config import RunConfig
-from fruitdask.errors import InputError, NotFoundError
+from fruitdask.errors import InputError, NotFoundError, StorageError, one_line
 from fruitdask.partition import plan, plan_partitions
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "binary_pieces",
     "choose_reader",
     "is_local",
+    "listing_error",
     "open_source",
     "packing_conf",
     "relative",
@@ -144,7 +145,6 @@ def open_source(
         uri = "file://" + root
     else:
         uri = cfg.input
-    root_uri = _qualified(spark, uri)
     scan = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
@@ -156,16 +156,38 @@ def open_source(
     conf = {}
     if tuned and is_local(cfg.input):
         conf["spark.sql.sources.parallelPartitionDiscovery.threshold"] = str(2**31 - 1)
-    with session_conf(spark, conf):
-        files = scan.load(uri)
-    # The count without shipping every path through Py4J (DataFrame.inputFiles()
-    # fetches them one call each: 2-4 s for 20,000 files).
-    n = int(len(files._jdf.inputFiles()))
+    try:
+        root_uri = _qualified(spark, uri)
+        with session_conf(spark, conf):
+            files = scan.load(uri)
+        # The count without shipping every path through Py4J (DataFrame.inputFiles()
+        # fetches them one call each: 2-4 s for 20,000 files).
+        n = int(len(files._jdf.inputFiles()))
+    except Exception as exc:  # noqa: BLE001 - Hadoop's listing failed: one typed line
+        raise listing_error(exc, cfg.input) from None
     if n == 0:
         raise NotFoundError(
             f"{cfg.input}: no image files found (looked for {', '.join(io.IMAGE_EXTENSIONS)})"
         )
     return Source("binaryfile", n, files=files, root_uri=root_uri, listing=listing)
+
+
+def listing_error(exc: BaseException, url: str) -> StorageError:
+    """One typed line for a failed Hadoop listing (a Py4J error holding a JVM trace)."""
+    text = str(exc)
+    if "No FileSystem for scheme" in text:
+        scheme = re.search(r'No FileSystem for scheme "?([\w-]+)', text)
+        name = scheme.group(1) if scheme else "?"
+        return StorageError(
+            f"{url}: Spark has no Hadoop file system for {name}:// here (--native-s3 needs "
+            "EMRFS on EMR or the hadoop-aws jar); without --native-s3 the executors read it "
+            "through fsspec"
+        )
+    if "PATH_NOT_FOUND" in text or "FileNotFoundException" in text:
+        return NotFoundError(f"{url}: not found (no such file, folder, bucket or prefix)")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and "\tat " not in ln]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("An error occurred") else None
+    return StorageError(f"cannot list {url} with Spark: {detail or one_line(exc)}")
 
 
 def packing_conf(files, n: int, partition_size: int, cores: int) -> dict[str, str]:

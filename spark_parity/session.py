@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fruitdask.cancel import StopToken
 from fruitdask.errors import InputError
 
 __all__ = [
@@ -358,8 +359,12 @@ def warm_up(spark, cores: int) -> None:
 
 
 @contextlib.contextmanager
-def start(spec: SparkSpec) -> Iterator[tuple[Any, float]]:
+def start(spec: SparkSpec, stop: StopToken | None = None) -> Iterator[tuple[Any, float]]:
     """Yield ``(spark, startup_seconds)``; the session is stopped on exit, error or Ctrl-C.
+
+    A stop request (``stop``) during the start-up ends it: the JVM being
+    launched is killed, the warm-up's jobs are cancelled, and
+    :class:`~fruitdask.errors.Cancelled` is raised.
 
     Raises
     ------
@@ -367,6 +372,8 @@ def start(spec: SparkSpec) -> Iterator[tuple[Any, float]]:
         pyspark or Java is missing, or the JVM did not start.
     """
     t0 = time.perf_counter()
+    stop = stop or StopToken()
+    stop.check()
     import_pyspark()
     find_java()
     master = spec.resolved_master()
@@ -379,19 +386,55 @@ def start(spec: SparkSpec) -> Iterator[tuple[Any, float]]:
     builder = SparkSession.builder.master(master).appName(spec.app_name)
     for k, v in _builder_conf(spec).items():
         builder = builder.config(k, v)
+    known = _spark_jvms()
+    forget = stop.on_stop(lambda: _kill_new_jvms(known))
     try:
+        stop.check()  # a stop acted on before the callback was registered
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             spark = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - a Py4J/launcher failure becomes one line
+        stop.check()  # the launch was killed by a stop request
         raise SparkUnavailable(f"the Spark driver did not start: {_first_line(exc)}") from None
+    finally:
+        forget()
     try:
+        stop.on_stop(spark.sparkContext.cancelAllJobs)
+        stop.check()
         spark.sparkContext.setLogLevel("WARN")
-        with quiet_pandas_warning():
-            warm_up(spark, cores or spark.sparkContext.defaultParallelism)
+        try:
+            with quiet_pandas_warning():
+                warm_up(spark, cores or spark.sparkContext.defaultParallelism)
+        except Exception:
+            stop.check()  # the warm-up's jobs were cancelled
+            raise
+        stop.check()
         yield spark, time.perf_counter() - t0
     finally:
-        spark.stop()
+        with contextlib.suppress(Exception):  # a JVM killed during the start-up
+            spark.stop()
+
+
+def _spark_jvms() -> set[int]:
+    """The Spark JVMs this process launched (pyspark runs ``spark-submit``)."""
+    import psutil
+
+    found = set()
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("org.apache.spark" in a for a in p.cmdline()):
+                found.add(p.pid)
+    return found
+
+
+def _kill_new_jvms(known: set[int]) -> None:
+    """Kill the Spark JVM being launched (a stop request during start-up);
+    pyspark's launcher then fails at once instead of finishing the start."""
+    import psutil
+
+    for pid in _spark_jvms() - known:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
 
 
 @contextlib.contextmanager
