@@ -66,7 +66,8 @@ def setting(
     kind : type, optional
         int, float, str or bool, when the default (None) does not tell.
     """
-    meta = {"help": help, "key": key, "flag": flag, "minimum": minimum, "maximum": maximum}
+    meta: dict[str, Any] = {"help": help, "key": key, "flag": flag, "minimum": minimum,
+                            "maximum": maximum}  # fmt: skip
     meta.update({"choices": choices, "kind": kind or type(default)})
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)

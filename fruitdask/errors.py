@@ -130,7 +130,8 @@ def from_record(record: dict[str, Any]) -> FruitdaskError:
 
 
 def _subclasses(cls: type) -> list[type]:
-    out = [cls]
+    out: list[type] = [cls]
+    sub: type
     for sub in cls.__subclasses__():
         out += _subclasses(sub)
     return out

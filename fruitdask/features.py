@@ -44,7 +44,8 @@ cv2.setNumThreads(1)
 def _param(default: float, help: str, low: float, high: float) -> Any:
     # The same metadata as fruitdask.config.setting (this module knows no config):
     # fruitdask.config builds the flags, help texts and dask.config keys from it.
-    meta = {"help": help, "key": None, "flag": None, "minimum": low, "maximum": high}
+    meta: dict[str, Any] = {"help": help, "key": None, "flag": None, "minimum": low,
+                            "maximum": high}  # fmt: skip
     meta.update({"choices": None, "kind": type(default)})
     return field(default=default, metadata=meta)
 

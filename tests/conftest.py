@@ -29,6 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 TAG = "FRUITDASK_TEST_TAG"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests (the long storms and matrices) run only with --runslow: the
+    default run takes a small sample of each (cf. dask's conftest.py)."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def cli_env(home: Path, tag: str, **extra: str) -> dict[str, str]:
     """The environment of a CLI run: this checkout first on the path, no AWS or
     fruitdask settings from the caller, private cache and temp folders, any

@@ -18,7 +18,6 @@ CLI glue (draft for ``fruitdask/cli/``)::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -395,14 +394,14 @@ def test_without_matplotlib_tables_instead_of_charts(outputs, monkeypatch):
 
 
 # ---------------------------------------------------------------- CLI glue
-def test_cmd_report(outputs, tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    report.add_report_arguments(p)
+def test_the_report_command(outputs, tmp_path, cli):
     dest = tmp_path / "r.html"
-    args = p.parse_args([outputs["eval"], "--to", str(dest), "--images-per-class", "1"])
-    assert report.cmd_report(args, {}) == 0
+    r = cli.run("report", outputs["eval"], "--to", str(dest), "--images-per-class", "1")
+    assert r.returncode == 0, r.stderr
     assert dest.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert capsys.readouterr().out.startswith(f"report: {dest}")
+    assert r.stdout.startswith(f"report: {dest}")
+    r = cli.run("report", str(tmp_path / "nothing"))
+    cli.one_line(r, "no committed result")
 
 
 # ---------------------------------------------------------------- S3
