@@ -79,9 +79,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for results (default: a temp folder)")
     args = ap.parse_args()
 
-    from fruitdask import classify, io, sample
-    from fruitdask.cluster import ClusterSpec, connect
-    from fruitdask.config import RunConfig
+    from fruitdask import classify, pipeline, sample
+    from fruitdask.cluster import connect
+    from fruitdask.config import ClusterSpec, RunConfig
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bovw-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def main() -> None:
     )
     words = [int(k) for k in args.words.split(",")]
     model_dir = work / "model"
-    listing = io.list_images(str(data))
+    listing = pipeline.list_input(RunConfig(input=str(data)))
     rows = []
     with connect(ClusterSpec(workers=args.workers, dashboard_address="127.0.0.1:0")) as (
         client,
@@ -107,11 +107,11 @@ def main() -> None:
         for k in words:
             for kind, color in combos:
                 opts = classify.TrainOptions(words=k, classifier=kind, color=color)
-                tr = classify.train(cfg, client, opts, listing=listing)
+                tr = classify.train(cfg, client, opts, classify.training_rows(listing))
                 ev_dir = work / f"eval-k{k}-{kind}-{'color' if color else 'orb'}"
                 ev = classify.evaluate(
                     classify.load_model(str(model_dir)), str(data), str(ev_dir), client,
-                    listing=listing,
+                    rows=classify.evaluation_rows(listing),
                 )  # fmt: skip
                 row = {
                     "words": k,

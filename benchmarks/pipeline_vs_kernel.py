@@ -38,7 +38,7 @@ def _kernel_chunk(args: tuple[str, list[str], dict]) -> tuple[int, int]:
     root, paths, so = args
     params = OrbParams()
     n_desc = 0
-    data = io.read_bytes(root, paths, so)
+    data = io.iter_objects(root, paths, so)
     for b in data:
         if isinstance(b, bytes):
             n_desc += len(extract(b, params).descriptors)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    from fruitdask import io, pipeline, sample
+    from fruitdask import pipeline, sample, source
     from fruitdask.config import RunConfig
 
     so = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         s = sample.generate_total(cache, args.images, seed=0)
         print(f"data: {cache} ({s.training + s.test} images, generated in {s.seconds:.1f}s)")
         args.input = str(cache)
-    listing = io.list_images(args.input, so)
+    listing = source.list_input(args.input, so)
     paths = listing["path"].tolist()
     n = len(paths)
     print(f"images: {n:,}  cores: {args.cores}  repeat: {args.repeat}")
 
-    from fruitdask.cluster import ClusterSpec, connect, local_layout
+    from fruitdask.cluster import connect, local_layout
+    from fruitdask.config import ClusterSpec
 
     workers, threads = local_layout(None, None, args.cores)
     spec = ClusterSpec(workers=workers, threads_per_worker=threads, dashboard_address=":0")

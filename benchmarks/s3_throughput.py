@@ -4,11 +4,11 @@
 
 Starts SeaweedFS on loopback (``fruitdask.testing.S3Server``, the server the tests
 use, on the same cores as the job), uploads N generated images as loose objects,
-then runs ``fruitdask.pipeline.run`` S3 -> local with each S3 client setting:
+then runs ``fruitdask.pipeline.run`` S3 -> local with each S3 back-end (the
+storage option ``s3_client``):
 
-* ``s3fs-plain``: s3fs as it comes (a HEAD before every GET; botocore pool of 10);
 * ``s3fs``: s3fs with fruitdask's settings (no HEAD, pool of 64, retries);
-* ``arrow``: pyarrow's C++ S3 client, 16 threads per task (the default).
+* ``arrow``: pyarrow's C++ S3 client, reading ahead in threads (the default).
 
 With ``--packed`` it also packs the bucket into Parquet shards of image bytes
 (``fruitdask pack``) and runs from those. The local-disk rate on the same images
@@ -18,7 +18,6 @@ is measured in the same run for reference. Prints images/s per setting.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -37,20 +36,20 @@ def _cpu(pid: int) -> float:
 
 def _run(cfg, workers: int | None, client_kind: str) -> tuple[float, dict]:
     from fruitdask import pipeline
-    from fruitdask.cluster import ClusterSpec, connect
+    from fruitdask.cluster import connect
+    from fruitdask.config import ClusterSpec
 
-    os.environ["FRUITDASK_S3_CLIENT"] = client_kind  # inherited by the worker processes
-    try:
-        # fruitdask's default layout unless --workers (then one thread each)
-        threads = None if workers is None else 1
-        spec = ClusterSpec(workers=workers, threads_per_worker=threads, dashboard_address=":0")
-        with connect(spec) as (client, _):
-            pipeline.preload(cfg.pca_method)
-            t = time.perf_counter()
-            s = pipeline.run(cfg, client)
-            return time.perf_counter() - t, s.timings
-    finally:
-        os.environ.pop("FRUITDASK_S3_CLIENT", None)
+    if client_kind in ("arrow", "s3fs"):  # the S3 back-end is a storage option
+        so = {**cfg.storage_options, "s3_client": client_kind}
+        cfg = cfg.with_(storage_options=so, output_storage_options=cfg.out_storage_options)
+    # fruitdask's default layout unless --workers (then one thread each)
+    threads = None if workers is None else 1
+    spec = ClusterSpec(workers=workers, threads_per_worker=threads, dashboard_address=":0")
+    with connect(spec) as (client, _):
+        pipeline.preload(cfg.pca_method)
+        t = time.perf_counter()
+        s = pipeline.run(cfg, client)
+        return time.perf_counter() - t, s.timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, help="worker processes of one thread (default: fruitdask's layout)"
     )
     ap.add_argument("--packed", action="store_true", help="also run from packed shards")
-    ap.add_argument("--clients", default="s3fs-plain,s3fs,arrow")
+    ap.add_argument("--clients", default="s3fs,arrow", help="S3 back-ends for loose objects")
     ap.add_argument("--shard-size", type=int, default=None, help="pack shard size")
     args = ap.parse_args(argv)
 
@@ -83,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [(k, f"{bucket}/loose", so) for k in args.clients.split(",") if k]
         if args.packed:
             from fruitdask import pack
-            from fruitdask.cluster import ClusterSpec, connect
+            from fruitdask.cluster import connect
+            from fruitdask.config import ClusterSpec
 
             spec = ClusterSpec(workers=args.workers, threads_per_worker=1, dashboard_address=":0")
             with connect(spec) as (client, _):

@@ -48,7 +48,7 @@ def run_once(data: Path, out: Path, cores: int | None) -> dict:
     layout = [] if cores is None else ["--workers", str(cores), "--threads-per-worker", "1"]
     cmd = [sys.executable, "-m", "fruitdask", "run", "-i", str(data), "-o", str(out),
            *layout, "--dashboard-address", "127.0.0.1:0", "--quiet",
-           "--overwrite"]  # fmt: skip
+           "--overwrite", "--no-report"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
     peak = 0
     t = time.perf_counter()
@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="5000,10000,20000,30161,45000,90483")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--workers-at", type=int, default=20000)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--out",
+        default=f"bench-results/scaling-{time.strftime('%Y%m%d-%H%M%S')}",
+        help="a fresh folder by default; the committed figures only when asked "
+        "(--out benchmarks/results)",
+    )
     ap.add_argument("--render", action="store_true", help="only redraw OUT/scaling.json")
     args = ap.parse_args(argv)
     out = Path(args.out)

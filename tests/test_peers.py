@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from fruitdask import features, io, sample, tables
+from fruitdask import features, sample, tables
 from fruitdask.pca import PcaModel
 
 pytestmark = pytest.mark.peers
@@ -52,7 +52,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected(tiny):
     """What the kernel finds, file by file, and the listing's rows."""
-    listing = io.list_images(str(tiny))
+    listing = source.list_input(str(tiny))
     params = features.OrbParams()
     images, descs = {}, collections.Counter()
     for rel in listing["path"]:

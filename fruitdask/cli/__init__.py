@@ -115,7 +115,12 @@ def console_main() -> NoReturn:
     ~1 s on 2 cores and changes nothing.
     """
     term.redirect(log_file())
-    code = main()
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help, --version and usage errors
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except BaseException as exc:  # noqa: BLE001 - never leave without a word on the terminal
+        code = report_failure("fruitdask", exc)
     logging.shutdown()
     for stream in (term.out, term.err, sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -368,14 +368,20 @@ class ProgressPrinter:
         self.tty = self.stream.isatty()
         self.bar: Any = None
         self.bar_stage = ""
+        self._pending: threading.Timer | None = None
         self.t0 = time.perf_counter()
         self.last = 0.0
 
     def stage(self, stage: str, event: str, seconds: float) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if event == "begin":
             self.t0 = time.perf_counter()
-            if not self.tty:
-                self._line(f"{stage}: started")
+            # a line only if the stage lasts: a refusal at once stays one line
+            self._pending = threading.Timer(self.EVERY, self._line, (f"{stage}: working ...",))
+            self._pending.daemon = True
+            self._pending.start()
         else:
             self._close()
             self._line(f"{stage}: done in {seconds:.2f}s")
