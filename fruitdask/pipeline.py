@@ -109,17 +109,26 @@ class Timer:
 
     def __init__(self, **already: float) -> None:
         self.seconds: dict[str, float] = {k: float(v) for k, v in already.items()}
+        self._running: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         t = time.perf_counter()
+        self._running[stage] = t
         try:
             yield
         finally:
+            self._running.pop(stage, None)
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
     def rounded(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+        """Seconds per stage; a stage still running (``publish``, which writes the
+        manifest holding these) counts up to now."""
+        now = time.perf_counter()
+        out = dict(self.seconds)
+        for stage, t in self._running.items():
+            out[stage] = out.get(stage, 0.0) + now - t
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 @dataclass
