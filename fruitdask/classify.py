@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from fruitdask import encode, io, metrics, pipeline
-from fruitdask.bovw import Encoder, fit_vocabulary
+from fruitdask.bovw import Encoder, Vocabulary, fit_vocabulary
 from fruitdask.cancel import StopToken
 from fruitdask.config import RunConfig
 from fruitdask.errors import FruitdaskError, ModelError, StorageError
@@ -328,8 +328,7 @@ def train(
                 client, parts, cfg.input, rows, cfg.storage_options, cfg.orb.max_pixels
             )
         with timer("vocabulary"):
-            x = parts.sample_array(client, opts.kmeans_sample, opts.seed)
-            vocab = fit_vocabulary(x, opts.words, seed=opts.seed, max_iter=opts.kmeans_max_iter)
+            vocab = _vocabulary(client, parts, opts)
         stop.check()
         say(
             f"vocabulary: {vocab.k} words from {vocab.fitted_on_rows:,} keypoints, "
@@ -343,7 +342,9 @@ def train(
             results = encode.histogram_parts(
                 client, parts, vocab.centers, cfg.output, hist_files, so_out, color_futures, stop
             )
-            client.cancel(parts.parts)
+            # the workers drop the features once no future holds them
+            parts.release()
+            color_futures = None
         with timer("classifier"):
             fitted = _fit(results, opts)
         say(
@@ -355,6 +356,13 @@ def train(
                                   fitted, results, hist_files, timer, stop)  # fmt: skip
     finally:
         out.release()
+
+
+def _vocabulary(client, parts: encode.FeatureParts, opts: TrainOptions) -> Vocabulary:
+    """dask-ml KMeans on (a sample of) the training keypoints. The sample array
+    lives only in here: its futures are released when the fit returns."""
+    x = parts.sample_array(client, opts.kmeans_sample, opts.seed)
+    return fit_vocabulary(x, opts.words, seed=opts.seed, max_iter=opts.kmeans_max_iter)
 
 
 def _model_file(run_id: str) -> str:

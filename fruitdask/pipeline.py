@@ -449,8 +449,9 @@ def write_features(
 
     try:
         gather_as_completed(client, writes, stop, tick)
-    finally:
-        client.cancel(parts)
+    except BaseException:
+        client.cancel(parts)  # stop what still runs; on success the caller's release frees them
+        raise
 
 
 def summarize(
