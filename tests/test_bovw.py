@@ -111,3 +111,50 @@ def test_kmeans_parallel_init_inertia_close_to_sklearn(dask_client):
 def test_kmeans_refuses_fewer_points_than_words():
     with pytest.raises(ValueError, match="at least 50 keypoints"):
         bovw.fit_vocabulary(np.zeros((10, 3), np.float32), 50)
+
+
+def _scattered(client, x: np.ndarray, sizes: list[int]):
+    """``x`` as a dask array of futures on the cluster, in chunks of ``sizes`` rows."""
+    import dask.array as da
+
+    cuts = np.cumsum([0, *sizes])
+    futures = client.scatter([x[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+    blocks = [
+        da.from_delayed(f, shape=(n, x.shape[1]), dtype=x.dtype)
+        for f, n in zip(futures, sizes, strict=True)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+def test_a_fit_on_the_client_is_the_fit_on_the_cluster(dask_client):
+    """The small-sample route (gathered, synchronous scheduler, same chunks) gives
+    the vocabulary the cluster gives: the same k-means|| draws and Lloyd sums."""
+    rng = np.random.default_rng(31)
+    x = _blobs(150, rng.uniform(-100, 100, (20, 8)), 25.0, 32)
+    arr = _scattered(dask_client, x, [1000, 700, 1300])
+    on_cluster = bovw.fit_vocabulary(arr, 20, seed=3, local=False)
+    on_client = bovw.fit_vocabulary(arr, 20, seed=3, local=True)
+    assert (on_cluster.fitted_on, on_client.fitted_on) == ("cluster", "client")
+    np.testing.assert_array_equal(on_client.centers, on_cluster.centers)
+    assert on_client.n_iter == on_cluster.n_iter
+    # the default picks the client for a sample this small
+    assert bovw.fit_vocabulary(arr, 20, seed=3).fitted_on == "client"
+    assert 3000 * 20 <= bovw.LOCAL_FIT_CELLS
+
+
+def test_progress_reports_every_lloyd_iteration():
+    rng = np.random.default_rng(41)
+    x = _blobs(300, rng.uniform(-100, 100, (10, 5)), 20.0, 42)
+    seen = []
+    voc = bovw.fit_vocabulary(x, 10, seed=0, max_iter=50, progress=lambda *a: seen.append(a))
+    assert [s[0] for s in seen] == list(range(1, voc.n_iter + 1))
+    assert all(s[1] == 50 for s in seen)
+    shifts, tol = [s[2] for s in seen], seen[-1][3]
+    assert tol > 0 and all(np.isfinite(shifts))
+    if voc.n_iter < 50:  # stopped because the last shift fell below the tolerance
+        assert shifts[-1] < tol and all(s >= tol for s in shifts[:-1])
+    # the logger is left as it was
+    import logging
+
+    logger = logging.getLogger("dask_ml.cluster.k_means")
+    assert not logger.handlers and logger.propagate
