@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io as _io
 import json
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -297,7 +299,14 @@ class Model:
                 color_on = bool(color["enabled"])
                 k = int(doc["vocabulary"]["k"])
                 meta = _meta(doc.get("meta"), where)
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                AttributeError,
+                OverflowError,
+                IndexError,
+            ) as exc:
                 raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
             if not 2 <= len(classes) <= _MAX_CLASSES or not 2 <= k <= _MAX_WORDS:
                 raise ModelError(f"{where}: damaged model ({len(classes)} classes, {k} words)")
@@ -339,6 +348,8 @@ _MAX_WEIGHT = 1e100
 #: The compression methods read: fruitdask writes deflate, np.savez stores.
 #: zipfile inflates bzip2 and LZMA members whole, whatever size they declare.
 _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+#: What zipfile raises on a damaged stream or header besides BadZipFile.
+_STREAM_ERRORS = (OSError, ValueError, zipfile.LargeZipFile, zlib.error, struct.error)
 
 
 def _checked_info(z: zipfile.ZipFile, name: str, cap: int, where: str) -> zipfile.ZipInfo:
@@ -358,6 +369,26 @@ def _checked_info(z: zipfile.ZipFile, name: str, cap: int, where: str) -> zipfil
     return info
 
 
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's declared bytes (see :func:`_read_bounded`)."""
+    with z.open(info) as f:
+        return _read_bounded(f, info.file_size)
+
+
+def _read_bounded(f, n: int) -> bytes:
+    """``n`` bytes of an open member at most, inflated 1 MiB at a time.
+    ``ZipFile.read`` (and ``read()`` of an open member) inflates all of the
+    compressed bytes in one call and cuts to the declared size afterwards: 3 MB
+    of deflate declaring 1 KB took 3.27 GB."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = f.read(min(1 << 20, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
 class _ModelZip:
     """The model's zip, its members read one at a time, each checked first."""
 
@@ -367,7 +398,7 @@ class _ModelZip:
             self.z = zipfile.ZipFile(_io.BytesIO(data))
         except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
             raise ModelError(f"{where}: not a fruitdask model ({one_line(exc)})") from None
-        except (OSError, ValueError, zipfile.LargeZipFile) as exc:
+        except _STREAM_ERRORS as exc:
             raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
 
     def __enter__(self) -> _ModelZip:
@@ -379,12 +410,12 @@ class _ModelZip:
     def read(self, name: str, cap: int | None = None) -> bytes:
         cap = min(cap, _MEMBER_CAPS[name]) if cap is not None else _MEMBER_CAPS[name]
         try:
-            return self.z.read(_checked_info(self.z, name, cap, self.where))
+            return _read_member(self.z, _checked_info(self.z, name, cap, self.where))
         except KeyError:
             raise ModelError(f"{self.where}: not a fruitdask model (no {name})") from None
         except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise ModelError(f"{self.where}: not a fruitdask model ({one_line(exc)})") from None
-        except (OSError, ValueError, zipfile.LargeZipFile) as exc:  # a bad stream, CRC ...
+        except _STREAM_ERRORS as exc:  # a bad stream, CRC ...
             raise ModelError(f"{self.where}: damaged model ({one_line(exc)})") from None
 
 
@@ -493,7 +524,7 @@ def _arrays(raw: bytes, where: str, expected: dict[str, tuple[tuple, Any]]) -> d
                             f"{where}: damaged model ({name} is {got_dtype}{list(got_shape)}, "
                             f"expected {np.dtype(dtype)}{list(shape)})"
                         )
-                    body = f.read(need)
+                    body = _read_bounded(f, need)
                 arr = np.frombuffer(body, dtype=got_dtype).copy()
                 out[name] = arr.reshape(shape, order="F" if fortran else "C")
                 if not np.isfinite(out[name]).all():
@@ -504,7 +535,7 @@ def _arrays(raw: bytes, where: str, expected: dict[str, tuple[tuple, Any]]) -> d
                     )
     except ModelError:
         raise
-    except (zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError, RuntimeError,
-            NotImplementedError, zipfile.LargeZipFile) as exc:  # fmt: skip
+    except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, NotImplementedError,
+            *_STREAM_ERRORS) as exc:  # fmt: skip
         raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
     return out

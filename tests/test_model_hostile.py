@@ -75,7 +75,7 @@ def raw_zip(entries: list[dict]) -> bytes:
             e.get("method", 0),
             0,
             0x21,
-            e.get("crc", zlib.crc32(data) if e.get("method", 0) == 0 else 0),
+            e.get("crc", zlib.crc32(data) if e.get("method", 0) == 0 else 0) & 0xFFFFFFFF,
             0xFFFFFFFF if z64 else csize,
             0xFFFFFFFF if z64 else size,
         )
@@ -131,7 +131,9 @@ def png_declaring(width: int, height: int) -> bytes:
     """A valid grey PNG of ``width`` x ``height`` black pixels, compressed ~1000:1."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     n = height * (width + 1)  # a filter byte, then the row
     idat = b"\x78\xda" + deflate_zeros(n) + struct.pack(">I", ((n % 65521) << 16) | 1)
@@ -167,7 +169,10 @@ def run_limited(args: list[str], home: Path, env: dict, limit: int = LIMIT_AS, t
             watchdog.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
     r = subprocess.CompletedProcess(
-        args, p.returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+        args,
+        p.returncode,
+        out_path.read_text(errors="replace"),
+        err_path.read_text(errors="replace"),
     )
     r.peak_mib = usage.ru_maxrss / 1024
     return r
@@ -234,6 +239,22 @@ def test_a_15kb_zip_inflating_to_3gb_is_refused(tiny_model, predict):
         r = predict(with_json(data, "model.json", k100000))
         one_line(r, "centers")
         assert r.peak_mib < 1024
+
+
+def test_a_member_inflating_past_its_declared_size_is_read_no_further(tiny_model, predict):
+    """arrays.npz declares its true ~1 KB but inflates to 3.27 GB: zipfile's
+    read() inflates all the compressed bytes in one call (max_length 2**31-1)
+    and cuts to the declared size afterwards."""
+    m = members_of(tiny_model.to_bytes())
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = c.compress(m["arrays.npz"]) + c.flush(zlib.Z_FULL_FLUSH) + deflate_zeros(3_270_000_000)
+    outer = [{"name": k, "data": v} for k, v in m.items() if k != "arrays.npz"]
+    outer.append({"name": "arrays.npz", "data": data, "method": 8, "size": len(m["arrays.npz"]),
+                  "crc": zlib.crc32(m["arrays.npz"])})  # fmt: skip
+    r = predict(raw_zip(outer))
+    # the declared bytes are the whole npz: read, and the model predicts
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.peak_mib < 1024, r.peak_mib
 
 
 def test_sizes_declaring_64gb_are_refused(tiny_model, predict):
@@ -353,3 +374,404 @@ def test_other_holes_are_one_line(tiny_model, predict):
     buf = _io.BytesIO()
     np.savez(buf, **arrays)
     one_line(predict(zip_of(dict(m, **{"arrays.npz": buf.getvalue()}))), "coef")
+
+
+# ---------------------------------------------------------------- property: mutated models
+def serve() -> None:
+    """A fork server (run as ``python test_model_hostile.py serve``): imports what
+    ``fruitdask predict`` imports once, then per request forks a child that sets
+    ``RLIMIT_AS`` (and a CPU and wall-clock limit) and runs the CLI's own entry
+    point (``console_main``: the log-file redirect, one-line errors, ``os._exit``)
+    with its stdout/stderr in files. Answers the exit status and the child's
+    peak RSS (wait4)."""
+    import fruitdask.classify  # noqa: F401 - what predict imports, imported once
+    from fruitdask.cli import build_parser, console_main
+
+    build_parser()  # the sub-command modules too
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            try:
+                resource.setrlimit(resource.RLIMIT_AS, (req["limit"], req["limit"]))
+                resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+                signal.alarm(120)
+                for fd, path in ((1, req["out"]), (2, req["err"])):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+                sys.argv = ["fruitdask", *req["args"]]
+                console_main()
+            except BaseException:  # noqa: BLE001 - the harness's own failure
+                import traceback
+
+                traceback.print_exc()
+            os._exit(70)
+        _, status, usage = os.wait4(pid, 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status),
+                          "peak_mib": usage.ru_maxrss / 1024}), flush=True)  # fmt: skip
+
+
+class Server:
+    def __init__(self, home: Path, env: dict) -> None:
+        self.home = home
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "serve"],
+            cwd=home,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def predict(self, model: bytes, image: Path, limit: int = LIMIT_AS):
+        path = self.home / "model.zip"
+        path.write_bytes(model)
+        out, err = self.home / "out.txt", self.home / "err.txt"
+        args = ["predict", "-m", str(path), str(image), "--json"]
+        req = {"args": args, "limit": limit, "out": str(out), "err": str(err)}
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        r = subprocess.CompletedProcess(args, answer["code"], out.read_text(errors="replace"),
+                                        err.read_text(errors="replace"))  # fmt: skip
+        r.peak_mib = answer["peak_mib"]
+        return r
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(module_cli):
+    s = Server(module_cli.home, module_cli.env)
+    yield s
+    s.close()
+
+
+# -- the mutations: a model is its JSON documents, its arrays and its zip entries
+MODEL_PATHS = [
+    ("format",), ("classifier",), ("classifier", "kind"), ("classifier", "classes"),
+    ("classifier", "feature_map"), ("classifier", "n_features"), ("vocabulary",),
+    ("vocabulary", "k"), ("vocabulary", "n_features"), ("color",), ("color", "enabled"),
+    ("orb",), ("orb", "nfeatures"), ("orb", "scale_factor"), ("orb", "nlevels"),
+    ("orb", "edge_threshold"), ("orb", "fast_threshold"), ("orb", "max_pixels"), ("meta",),
+    ("meta", "class_counts"),
+]  # fmt: skip
+PCA_PATHS = [("mean",), ("components",), ("explained_variance",), ("explained_variance_ratio",),
+             ("n_samples",), ("method",), ("n_components",), ("n_features",)]  # fmt: skip
+MEMBERS = ["model.json", "pca.json", "arrays.npz"]
+ARRAYS = ["centers.npy", "coef.npy", "intercept.npy"]
+SIZES = [0, 1, 7, 100, 4096, 65535, 1 << 20, 256 << 20, (1 << 31) - 1, (1 << 32) - 2, 64 << 30]
+
+
+def _strategies():
+    from hypothesis import strategies as st
+
+    leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+            | st.sampled_from([0, -1, 1, 2, 3, 4, 32, 100_000, 100_001, 2**31, 2**63, 1e300]))  # fmt: skip
+    value = st.recursive(
+        leaf, lambda ch: st.lists(ch, max_size=5) | st.dictionaries(st.text(max_size=6), ch, max_size=4),
+        max_leaves=12,
+    )  # fmt: skip
+    orb_value = st.one_of(
+        st.integers(-2, 2**31),
+        st.sampled_from([1, 31, 32, 1024, 1025, 255, 256, 100_000, 100_001, 2**30, 2**30 + 1]),
+        st.floats(0.5, 5.0),
+        st.sampled_from([1.01, 4.0, 1.0, 0.0, float("nan")]),
+    )
+    pos = st.integers(0, 1 << 24)
+    member = st.sampled_from(MEMBERS)
+    array = st.sampled_from(ARRAYS)
+    op = st.one_of(
+        # JSON: a field set or deleted, a document replaced, deep, huge or not JSON
+        st.tuples(st.just("set"), st.just("model.json"), st.sampled_from(MODEL_PATHS), value),
+        st.tuples(st.just("set"), st.just("pca.json"), st.sampled_from(PCA_PATHS), value),
+        st.tuples(
+            st.just("set"),
+            st.just("model.json"),
+            st.sampled_from([p for p in MODEL_PATHS if p[0] == "orb" and len(p) == 2]),
+            orb_value,
+        ),  # fmt: skip
+        st.tuples(
+            st.just("del"),
+            st.sampled_from(["model.json", "pca.json"]),
+            st.sampled_from(MODEL_PATHS + PCA_PATHS),
+        ),  # fmt: skip
+        st.tuples(
+            st.just("raw"),
+            st.sampled_from(["model.json", "pca.json"]),
+            st.sampled_from(
+                [
+                    "deep-list",
+                    "deep-dict",
+                    "huge-list",
+                    "huge-string",
+                    "not-object",
+                    "garbage",
+                    "bad-utf8",
+                ]
+            ),
+            st.integers(1, 6),
+        ),  # fmt: skip
+        # arrays: another dtype or shape, odd values, a header that lies
+        st.tuples(
+            st.just("array"),
+            array,
+            st.sampled_from(["<f4", "<f8", ">f8", "<f2", "<i4", "|u1", "<c16", "|b1", "<U3"]),
+            st.sampled_from(
+                [
+                    "same",
+                    "+row",
+                    "-row",
+                    "+col",
+                    "-col",
+                    "flat",
+                    "scalar",
+                    "3d",
+                    "empty",
+                    "transposed",
+                ]
+            ),
+            st.sampled_from(["normal", "zeros", "nan", "inf", "huge", "tiny"]),
+        ),  # fmt: skip
+        st.tuples(
+            st.just("header"),
+            array,
+            st.sampled_from(
+                [(), (0,), (6, 4), (4, 6), (2**31, 8), (2**62, 2**62), (-1, 4), (6, 4, 1)]
+            ),
+            st.sampled_from(["<f4", "<f8", "|O", "<i8", "V8", "<f4x"]),
+            st.booleans(),
+        ),  # fmt: skip
+        # zip entries, of the model and of arrays.npz: sizes, methods, flags, bombs
+        st.tuples(
+            st.just("size"),
+            st.sampled_from(["outer", "inner"]),
+            st.integers(0, 2),
+            st.sampled_from(["size", "csize", "crc"]),
+            st.sampled_from(SIZES),
+        ),  # fmt: skip
+        st.tuples(
+            st.just("method"),
+            st.sampled_from(["outer", "inner"]),
+            st.integers(0, 2),
+            st.sampled_from([0, 8, 12, 14, 99]),
+        ),  # fmt: skip
+        st.tuples(
+            st.just("flags"),
+            st.sampled_from(["outer", "inner"]),
+            st.integers(0, 2),
+            st.sampled_from([1, 8, 0x40, 0x800]),
+        ),  # fmt: skip
+        st.tuples(
+            st.just("bomb"),
+            st.sampled_from(["outer", "inner"]),
+            st.integers(0, 2),
+            st.integers(20, 33),
+            st.booleans(),
+        ),  # fmt: skip
+        st.tuples(st.just("swap"), member, member),
+        st.tuples(st.just("drop"), member),
+        st.tuples(st.just("dup"), member, member),
+        st.tuples(st.just("swap-array"), array, array),
+        # bytes of the final file
+        st.tuples(st.just("flip"), pos, st.integers(1, 255)),
+        st.tuples(st.just("truncate"), pos),
+    )
+    return st.lists(op, min_size=1, max_size=3)
+
+
+def _edit(doc: dict, path: tuple, value=None, delete: bool = False) -> None:
+    node = doc
+    for key in path[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            return
+        node = node[key]
+    if isinstance(node, dict):
+        if delete:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+
+
+def _raw_json(kind: str, n: int) -> bytes:
+    return {
+        "deep-list": b"[" * 10**n + b"]" * 10**n,
+        "deep-dict": b'{"a":' * 10**n + b"1" + b"}" * 10**n,
+        "huge-list": b'{"classifier": [' + b"0," * (5 << 19) + b"0]}",
+        "huge-string": b'{"meta": "' + b"x" * (4 << 20) + b'"}',
+        "not-object": [b"[]", b"1", b'"s"', b"null", b"NaN"][n % 5],
+        "garbage": bytes(range(256)) * n,
+        "bad-utf8": b'{"format": "\xff\xfe"}',
+    }[kind]
+
+
+def _array(dtype: str, shape_kind: str, values: str, like: np.ndarray) -> bytes:
+    shape = list(like.shape) or [1]
+    shape = {
+        "same": shape, "+row": [shape[0] + 1, *shape[1:]], "-row": [max(shape[0] - 1, 0), *shape[1:]],
+        "+col": [*shape[:-1], shape[-1] + 1], "-col": [*shape[:-1], max(shape[-1] - 1, 0)],
+        "flat": [int(np.prod(shape))], "scalar": [], "3d": [*shape, 1], "empty": [0, *shape[1:]],
+        "transposed": shape[::-1],
+    }[shape_kind]  # fmt: skip
+    base = np.random.default_rng(0).standard_normal(shape)
+    base = {"normal": base, "zeros": base * 0, "nan": base * np.nan, "inf": base * np.inf,
+            "huge": base * 1e300, "tiny": base * 1e-300}[values]  # fmt: skip
+    with np.errstate(all="ignore"):
+        return npy(base.astype(np.dtype(dtype)))
+
+
+def build(base: bytes, ops: list[tuple]) -> bytes:
+    """A model file: ``base`` with the mutations ``ops`` applied, documents and
+    arrays first, then zip entries (arrays.npz, then the model), then bytes."""
+    outer = members_of(base)
+    docs = {m: json.loads(outer[m]) for m in ("model.json", "pca.json")}
+    raw_docs: dict[str, bytes] = {}
+    arrays = members_of(outer["arrays.npz"])
+    shapes = {name: np.load(_io.BytesIO(data)) for name, data in arrays.items()}
+    for op in ops:
+        if op[0] == "set":
+            _edit(docs[op[1]], op[2], op[3])
+        elif op[0] == "del":
+            _edit(docs[op[1]], op[2], delete=True)
+        elif op[0] == "raw":
+            raw_docs[op[1]] = _raw_json(op[2], op[3])
+        elif op[0] == "array":
+            arrays[op[1]] = _array(op[2], op[3], op[4], shapes[op[1]])
+        elif op[0] == "header":
+            data = arrays[op[1]]
+            start = 10 + struct.unpack("<H", data[8:10])[0]
+            arrays[op[1]] = npy_header(op[2], op[3], op[4]) + data[start:]
+        elif op[0] == "swap-array":
+            arrays[op[1]], arrays[op[2]] = arrays[op[2]], arrays[op[1]]
+    for m in docs:
+        outer[m] = raw_docs.get(m) or json.dumps(docs[m]).encode()
+
+    def entries(members: list[tuple[str, bytes]], which: str, method: int) -> list[dict]:
+        out = []
+        for name, payload in members:
+            c = zlib.compressobj(6, zlib.DEFLATED, -15)
+            data = c.compress(payload) + c.flush() if method == 8 else payload
+            out.append({"name": name, "data": data, "method": method, "size": len(payload),
+                        "crc": zlib.crc32(payload), "payload": payload})  # fmt: skip
+        for op in ops:
+            if op[0] in ("size", "method", "flags", "bomb") and op[1] == which and out:
+                e = out[op[2] % len(out)]
+                if op[0] == "size":
+                    e[op[3]] = op[4]
+                elif op[0] == "method":
+                    e["method"] = op[3]
+                    if op[3] in (12, 14):  # really compressed so: zipfile inflates them whole
+                        import bz2
+                        import lzma
+
+                        e["data"] = (bz2.compress(e["payload"]) if op[3] == 12 else
+                                     lzma.compress(e["payload"], lzma.FORMAT_RAW,
+                                                   filters=[{"id": lzma.FILTER_LZMA1}]))  # fmt: skip
+                    elif op[3] == 0:
+                        e["data"] = e["payload"]
+                elif op[0] == "flags":
+                    e["flags"] = e.get("flags", 0) | op[3]
+                else:  # a deflate bomb: 2**n zero bytes after the member's first bytes
+                    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+                    head = c.compress(e["payload"][:128]) + c.flush(zlib.Z_FULL_FLUSH)
+                    e.update(data=head + deflate_zeros(1 << op[3]), method=8, crc=0,
+                             size=(1 << op[3]) + 128 if op[4] else len(e["payload"]))  # fmt: skip
+        for e in out:
+            e.pop("payload")
+        return out
+
+    outer["arrays.npz"] = raw_zip(entries(list(arrays.items()), "inner", 0))
+    for op in ops:
+        if op[0] == "swap" and op[1] in outer and op[2] in outer:
+            outer[op[1]], outer[op[2]] = outer[op[2]], outer[op[1]]
+        elif op[0] == "drop":
+            outer.pop(op[1], None)
+    members = list(outer.items())
+    for op in ops:  # a second entry of the same name (zipfile reads the last one)
+        if op[0] == "dup" and op[1] in outer and op[2] in outer:
+            members.append((op[1], outer[op[2]]))
+    data = raw_zip(entries(members, "outer", 8))
+    b = bytearray(data)
+    for op in ops:
+        if op[0] == "flip" and b:
+            b[op[1] % len(b)] ^= op[2]
+        elif op[0] == "truncate":
+            del b[op[1] % (len(b) + 1) :]
+    return bytes(b)
+
+
+def check(r, model_bytes: bytes, image: Path) -> str:
+    """Exit 0 with the in-process model's answer, or exit 2 with one line; else fail."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if r.returncode == 2:
+        one_line(r)
+        return "refused"
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:], r.stdout[-1000:])
+    from fruitdask.model import Model
+
+    doc = json.loads(r.stdout)
+    (p,) = doc["predictions"]
+    model = Model.from_bytes(model_bytes)  # it loaded under the limit: safe here too
+    ref = model.predict_bytes(image.read_bytes(), str(image), 3)
+    assert p["status"] == ref.status and p["n_keypoints"] == ref.n_keypoints, (p, ref)
+    probs = [t["probability"] for t in p["top"]]
+    assert all(0.0 <= q <= 1.0 for q in probs) and probs == sorted(probs, reverse=True), p
+    np.testing.assert_allclose(probs, [round(q, 6) for _, q in ref.top], atol=2e-6)
+    ties = len(set(probs)) < len(probs)  # equal probabilities may come in either order
+    assert ties or [t["label"] for t in p["top"]] == [lab for lab, _ in ref.top], (p, ref.top)
+    return "predicted"
+
+
+def _run_mutations(n: int, tiny_model, server, image, capsys) -> None:
+    from hypothesis import HealthCheck, Phase, example, given, settings
+
+    base = tiny_model.to_bytes()
+    seen = {"refused": 0, "predicted": 0}
+    worst = {"peak_mib": 0.0}
+
+    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck),
+              phases=[Phase.explicit, Phase.generate, Phase.shrink])  # fmt: skip
+    @given(ops=_strategies())
+    @example(ops=[("bomb", "inner", 0, 33, False)])  # 8 GiB of zeros in centers.npy, lying
+    @example(ops=[("bomb", "outer", 2, 33, True)])  # arrays.npz declaring 8 GiB
+    @example(ops=[("header", "centers.npy", (2**31, 8), "<f4", False)])
+    @example(ops=[("size", "outer", 2, "size", 64 << 30)])
+    @example(ops=[("raw", "model.json", "deep-list", 5)])
+    @example(ops=[("set", "model.json", ("orb", "max_pixels"), 2**30)])
+    @example(ops=[("set", "model.json", ("orb", "nlevels"), 32),
+                  ("set", "model.json", ("orb", "scale_factor"), 1.01),
+                  ("set", "model.json", ("orb", "edge_threshold"), 1024)])  # fmt: skip
+    @example(ops=[("method", "inner", 0, 12)])
+    @example(ops=[("set", "model.json", ("vocabulary", "k"), 100_000)])
+    def case(ops):
+        data = build(base, ops)
+        r = server.predict(data, image)
+        seen[check(r, data, image)] += 1
+        if r.peak_mib > worst["peak_mib"]:
+            worst.update(peak_mib=r.peak_mib, ops=ops, bytes=len(data), said=r.stderr.strip()[:160])
+
+    case()
+    with capsys.disabled():
+        print(f"\nmutated models: {seen}; worst peak RSS {worst['peak_mib']:.0f} MiB "
+              f"(limit {LIMIT_AS >> 20} MiB) for {worst.get('ops')} ({worst.get('bytes')} bytes): "
+              f"{worst.get('said') or 'predicted'}")  # fmt: skip
+    assert seen["refused"] and seen["predicted"], seen  # the mutations reach both sides
+
+
+def test_mutated_models_are_refused_or_predicted(tiny_model, server, image, capsys):
+    _run_mutations(N_EXAMPLES, tiny_model, server, image, capsys)
+
+
+@pytest.mark.slow
+def test_many_mutated_models(tiny_model, server, image, capsys):
+    _run_mutations(N_EXAMPLES_SLOW, tiny_model, server, image, capsys)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
+    sys.path.insert(0, str(REPO))
+    serve()
