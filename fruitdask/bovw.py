@@ -309,7 +309,7 @@ class _LloydProgress(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             args = record.args if isinstance(record.args, tuple) else ()
-            if record.msg == "Shift: %0.4f" and args:
+            if record.msg == "Shift: %0.4f" and args and isinstance(args[0], int | float):
                 self.shift = float(args[0])
             elif record.msg == "Finished %s in %s" and str(args[0]).startswith("Lloyd loop"):
                 self.callback(int(str(args[0]).split()[2].rstrip(".")) + 1, self.shift)
