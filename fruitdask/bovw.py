@@ -23,8 +23,10 @@ Histogram table (one Parquet file per partition)::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,7 @@ from fruitdask.pca import PcaModel
 __all__ = [
     "COLOR_BINS",
     "HISTOGRAM_COLUMNS",
+    "LOCAL_FIT_CELLS",
     "EncodedBatch",
     "Encoder",
     "Vocabulary",
@@ -259,6 +262,13 @@ class Encoder:
 
 
 # ---------------------------------------------------------------- vocabulary fit
+#: Fit on the client (synchronous scheduler) when rows x words is at most this:
+#: one Lloyd iteration is then ~0.1 s of one core, less than the ~20 round
+#: trips of a fit on the cluster, and the workers never import dask-ml's
+#: KMeans or compile its numba kernel (~3 s each, measured).
+LOCAL_FIT_CELLS = 2**25
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """A fitted visual vocabulary.
@@ -271,6 +281,8 @@ class Vocabulary:
     fitted_on_rows : int
     init : str
     seconds : float
+    fitted_on : {"client", "cluster"}
+        Where dask-ml's KMeans ran (see :func:`fit_vocabulary`'s ``local``).
     """
 
     centers: np.ndarray
@@ -278,10 +290,51 @@ class Vocabulary:
     fitted_on_rows: int
     init: str
     seconds: float
+    fitted_on: str = "cluster"
 
     @property
     def k(self) -> int:
         return int(self.centers.shape[0])
+
+
+class _LloydProgress(logging.Handler):
+    """dask-ml's KMeans takes no callback; its logger announces each Lloyd
+    iteration's centre shift and end. Reports ``(iteration, shift)``."""
+
+    def __init__(self, callback: Callable[[int, float], None]) -> None:
+        super().__init__(logging.INFO)
+        self.callback = callback
+        self.shift = float("nan")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if record.msg == "Shift: %0.4f" and args and isinstance(args[0], int | float):
+                self.shift = float(args[0])
+            elif record.msg == "Finished %s in %s" and str(args[0]).startswith("Lloyd loop"):
+                self.callback(int(str(args[0]).split()[2].rstrip(".")) + 1, self.shift)
+        except Exception:  # noqa: BLE001 - a progress note must never break the fit
+            pass
+
+
+@contextlib.contextmanager
+def _lloyd_progress(callback: Callable[[int, float], None] | None) -> Iterator[None]:
+    if callback is None:
+        yield
+        return
+    logger = logging.getLogger("dask_ml.cluster.k_means")
+    handler = _LloydProgress(callback)
+    level, propagate = logger.level, logger.propagate
+    if not logger.isEnabledFor(logging.INFO):  # INFO for this handler only
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def fit_vocabulary(
@@ -293,6 +346,8 @@ def fit_vocabulary(
     oversampling: float = 2.0,
     init_rounds: int = 5,
     init: np.ndarray | None = None,
+    local: bool | None = None,
+    progress: Callable[[int, int, float, float], None] | None = None,
 ) -> Vocabulary:
     """Fit dask-ml ``KMeans`` with k-means|| initialisation.
 
@@ -324,36 +379,55 @@ def fit_vocabulary(
     init : ndarray of shape (k, d), optional
         Start from these centres instead (used by the tests to compare with
         scikit-learn from the same start).
+    local : bool, optional
+        Run dask-ml's KMeans here with the synchronous scheduler instead of on
+        the cluster. A dask ``x`` is first gathered and keeps its chunks, so
+        the vocabulary is the one the cluster would fit (same k-means|| draws,
+        same sums), without a round trip per iteration. Default: a NumPy ``x``,
+        or ``n * k <= LOCAL_FIT_CELLS``.
+    progress : callable, optional
+        ``progress(iteration, max_iter, shift, tol)`` after each Lloyd
+        iteration: the total squared shift of the centres and the absolute
+        tolerance it is compared with (the fit stops when it falls below).
     """
+    import dask
     import dask.array as da
     from dask_ml.cluster import KMeans
 
-    if isinstance(x, np.ndarray):
-        x = da.from_array(x, chunks=(max(1, min(len(x), 65536)), -1))
-    x = x.astype(np.float32)
     n = int(x.shape[0])
     if n < k:
         raise ValueError(f"{k} visual words need at least {k} keypoints, got {n}")
     t = time.perf_counter()
-    # dask-ml compares the summed squared centre shift with ``tol`` as given,
-    # an absolute number; scikit-learn scales it by the data's mean variance.
-    # PCA'd ORB features have variances in the hundreds, so an unscaled 1e-4
-    # would run every fit to max_iter.
-    mean_var = float(x.var(axis=0).mean().compute())
-    km = KMeans(
-        n_clusters=k,
-        init=init if init is not None else "k-means||",
-        # dask-ml draws ``oversampling_factor`` candidates per round in
-        # expectation, not ``oversampling_factor * k``: its default of 2 with
-        # ~log(cost) ~ 20 rounds leaves fewer candidates than words, and it
-        # then pads with random points (a warning in its log, nothing more).
-        oversampling_factor=max(2.0, oversampling * k),
-        init_max_iter=init_rounds,
-        max_iter=max_iter,
-        tol=tol * mean_var,
-        random_state=seed,
-    )
-    km.fit(x)
+    if local is None:
+        local = isinstance(x, np.ndarray) or n * k <= LOCAL_FIT_CELLS
+    if isinstance(x, np.ndarray):
+        x = np.asarray(x, dtype=np.float32)
+        x = da.from_array(x, chunks=(max(1, min(len(x), 65536)), -1))
+    elif local:  # gathered once, in its own chunks (the draws and sums depend on them)
+        x = da.from_array(np.asarray(x.compute(), dtype=np.float32), chunks=x.chunks)
+    x = x.astype(np.float32)
+    with dask.config.set(scheduler="synchronous") if local else contextlib.nullcontext():
+        # dask-ml compares the summed squared centre shift with ``tol`` as given,
+        # an absolute number; scikit-learn scales it by the data's mean variance.
+        # PCA'd ORB features have variances in the hundreds, so an unscaled 1e-4
+        # would run every fit to max_iter.
+        tol_abs = tol * float(x.var(axis=0).mean().compute())
+        km = KMeans(
+            n_clusters=k,
+            init=init if init is not None else "k-means||",
+            # dask-ml draws ``oversampling_factor`` candidates per round in
+            # expectation, not ``oversampling_factor * k``: its default of 2 with
+            # ~log(cost) ~ 20 rounds leaves fewer candidates than words, and it
+            # then pads with random points (a warning in its log, nothing more).
+            oversampling_factor=max(2.0, oversampling * k),
+            init_max_iter=init_rounds,
+            max_iter=max_iter,
+            tol=tol_abs,
+            random_state=seed,
+        )
+        note = None if progress is None else lambda i, shift: progress(i, max_iter, shift, tol_abs)
+        with _lloyd_progress(note):
+            km.fit(x)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
     return Vocabulary(
         centers=centers,
@@ -361,4 +435,5 @@ def fit_vocabulary(
         fitted_on_rows=n,
         init="array" if init is not None else "k-means||",
         seconds=time.perf_counter() - t,
+        fitted_on="client" if local else "cluster",
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io as _io
 import os
 import posixpath
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from fruitdask import encode, io, metrics, pipeline
-from fruitdask.bovw import Encoder, fit_vocabulary
+from fruitdask.bovw import Encoder, Vocabulary, fit_vocabulary
 from fruitdask.cancel import StopToken
 from fruitdask.config import RunConfig
 from fruitdask.errors import FruitdaskError, InputError, ModelError, StorageError
@@ -350,12 +351,11 @@ def train(
                 client, parts, cfg.input, rows, cfg.storage_options, cfg.orb.max_pixels
             )
         with timer("vocabulary"):
-            x = parts.sample_array(client, opts.kmeans_sample, opts.seed)
-            vocab = fit_vocabulary(x, opts.words, seed=opts.seed, max_iter=opts.kmeans_max_iter)
+            vocab = _vocabulary(client, parts, opts, log)
         stop.check()
         say(
             f"vocabulary: {vocab.k} words from {vocab.fitted_on_rows:,} keypoints, "
-            f"{vocab.n_iter} iterations, {vocab.seconds:.1f}s"
+            f"{vocab.n_iter} iterations on the {vocab.fitted_on}, {vocab.seconds:.1f}s"
         )
         with timer("histograms"):
             hist_files = [
@@ -365,7 +365,9 @@ def train(
             results = encode.histogram_parts(
                 client, parts, vocab.centers, cfg.output, hist_files, so_out, color_futures, stop
             )
-            client.cancel(parts.parts)
+            # the workers drop the features once no future holds them
+            parts.release()
+            color_futures = None
         with timer("classifier"):
             fitted = _fit(results, opts)
         say(
@@ -377,6 +379,33 @@ def train(
                                   fitted, results, hist_files, timer, stop)  # fmt: skip
     finally:
         out.release()
+
+
+def _vocabulary(client, parts: encode.FeatureParts, opts: TrainOptions, log) -> Vocabulary:
+    """dask-ml KMeans on (a sample of) the training keypoints. The sample array
+    lives only in here: its futures are released when the fit returns."""
+    x = parts.sample_array(client, opts.kmeans_sample, opts.seed)
+    notes = None if log is None else _IterationNotes(log)
+    return fit_vocabulary(
+        x, opts.words, seed=opts.seed, max_iter=opts.kmeans_max_iter, progress=notes
+    )
+
+
+class _IterationNotes:
+    """Vocabulary progress for the person watching: a line at most every 2 s."""
+
+    def __init__(self, log, every: float = 2.0) -> None:
+        self.log, self.every = log, every
+        self.last = time.perf_counter()
+
+    def __call__(self, iteration: int, max_iter: int, shift: float, tol: float) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(
+                f"vocabulary: Lloyd iteration {iteration} of at most {max_iter}, "
+                f"centre shift {shift:.3g} (converged below {tol:.3g})"
+            )
 
 
 def _model_file(run_id: str) -> str:
@@ -413,6 +442,7 @@ def _publish_model(cfg, out, run: RunState, opts, rows, manifest, reused, pca, v
         "k": vocab.k,
         "init": vocab.init,
         "n_iter": vocab.n_iter,
+        "fitted_on": vocab.fitted_on,
         "fitted_on_rows": vocab.fitted_on_rows,
         "inertia_per_keypoint": round(fitted["sq_dist"] / max(1, fitted["keypoints"]), 4),
     }

@@ -139,6 +139,14 @@ class FeatureParts:
     def n_images(self) -> int:
         return int(sum(len(p) for p in self.paths))
 
+    def release(self) -> None:
+        """Drop the futures: the workers free the features once no future holds
+        them. A release, not ``client.cancel``: a cancel walks the parts'
+        dependents on the scheduler, and one that no client wants any more (a
+        future released while a later one still depends on it) trips
+        distributed's ``assert ts.who_wants`` in ``stimulus_cancel``."""
+        self.parts = []
+
     def sample_array(self, client, sample: int, seed: int = 0):
         """A dask array of (a uniform random sample of) the keypoints' features.
 

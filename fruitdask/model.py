@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io as _io
 import json
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 
 from fruitdask import features
 from fruitdask.bovw import COLOR_BINS, EncodedBatch, Encoder
-from fruitdask.errors import ModelError
+from fruitdask.errors import ModelError, one_line
 from fruitdask.pca import PcaModel
 
 __all__ = [
@@ -284,36 +286,50 @@ class Model:
         ModelError
             One line: not a model, damaged, or outside the bounds checked here.
         """
-        try:
-            members = _members(data, where)
-            doc = _json(members["model.json"], "model.json", where)
-            pca = _pca(_json(members["pca.json"], "pca.json", where), where)
-            orb = _orb(doc.get("orb"), where, max_pixels)
-            c, color = doc["classifier"], doc["color"]
-            kind = str(c["kind"])
-            if kind not in CLASSIFIERS:
-                raise ModelError(f"{where}: unknown classifier {kind!r}")
-            classes = tuple(str(x) for x in c["classes"])
-            color_on = bool(color["enabled"])
-            k = int(doc["vocabulary"]["k"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, ModelError):
-                raise
-            raise ModelError(f"{where}: damaged model ({type(exc).__name__}: {exc})") from None
-        if not 2 <= len(classes) <= _MAX_CLASSES or not 2 <= k <= _MAX_WORDS:
-            raise ModelError(f"{where}: damaged model ({len(classes)} classes, {k} words)")
-        rows = 1 if len(classes) == 2 else len(classes)
-        n_in = k + (COLOR_BINS if color_on else 0)
-        arrays = _arrays(members["arrays.npz"], where, {
-            "centers": ((k, pca.n_components), np.float32),
-            "coef": ((rows, n_in), np.float64),
-            "intercept": ((rows,), np.float64),
-        })  # fmt: skip
+        with _ModelZip(data, where) as z:
+            try:
+                doc = _json(z.read("model.json"), "model.json", where)
+                pca = _pca(_json(z.read("pca.json"), "pca.json", where), where)
+                orb = _orb(doc.get("orb"), where, max_pixels)
+                c, color = doc["classifier"], doc["color"]
+                kind = str(c["kind"])
+                if kind not in CLASSIFIERS:
+                    raise ModelError(f"{where}: unknown classifier {kind[:100]!r}")
+                classes = tuple(str(x) for x in c["classes"])
+                color_on = bool(color["enabled"])
+                k = int(doc["vocabulary"]["k"])
+                meta = _meta(doc.get("meta"), where)
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                AttributeError,
+                OverflowError,
+                IndexError,
+            ) as exc:
+                raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
+            if not 2 <= len(classes) <= _MAX_CLASSES or not 2 <= k <= _MAX_WORDS:
+                raise ModelError(f"{where}: damaged model ({len(classes)} classes, {k} words)")
+            rows = 1 if len(classes) == 2 else len(classes)
+            n_in = k + (COLOR_BINS if color_on else 0)
+            expected = {
+                "centers": ((k, pca.n_components), np.float32),
+                "coef": ((rows, n_in), np.float64),
+                "intercept": ((rows,), np.float64),
+            }
+            need = sum(_npy_bytes(shape, dtype) for shape, dtype in expected.values())
+            if need > _MEMBER_CAPS["arrays.npz"]:
+                raise ModelError(
+                    f"{where}: model too large ({len(classes)} classes x {n_in} features: "
+                    f"{need:,} bytes of arrays, at most {_MEMBER_CAPS['arrays.npz']:,})"
+                )
+            # the arrays are inflated only up to what these dimensions need
+            arrays = _arrays(z.read("arrays.npz", need + _NPZ_OVERHEAD), where, expected)
         return cls(
             encoder=Encoder(orb=orb, pca=pca, centers=arrays["centers"], color=color_on),
             classifier=LinearClassifier(classes, arrays["coef"], arrays["intercept"]),
             kind=kind,
-            meta=dict(doc.get("meta") or {}),
+            meta=meta,
         )
 
 
@@ -321,42 +337,133 @@ class Model:
 _MEMBER_CAPS = {"model.json": 4 << 20, "pca.json": 1 << 20, "arrays.npz": 256 << 20}
 _MAX_CLASSES = 100_000
 _MAX_WORDS = 100_000
+#: JSON nesting allowed (a model's documents are 3 deep); nothing walks deeper ones.
+_MAX_DEPTH = 32
+#: Zip and .npy headers around the arrays' bytes in arrays.npz.
+_NPZ_OVERHEAD = 64 << 10
+#: The largest weight of a classifier: with inputs in [0, 1] and at most
+#: ~10^5 features, the scores stay far from overflowing float64, so the
+#: probabilities are always numbers (real models have weights below ~10^3).
+_MAX_WEIGHT = 1e100
+#: The compression methods read: fruitdask writes deflate, np.savez stores.
+#: zipfile inflates bzip2 and LZMA members whole, whatever size they declare.
+_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+#: What zipfile raises on a damaged stream or header besides BadZipFile.
+_STREAM_ERRORS = (OSError, ValueError, zipfile.LargeZipFile, zlib.error, struct.error)
 
 
-def _members(data: bytes, where: str) -> dict[str, bytes]:
-    """The three members, each refused by its declared size before it is inflated
+def _checked_info(z: zipfile.ZipFile, name: str, cap: int, where: str) -> zipfile.ZipInfo:
+    """A member's directory entry, refused before a byte of it is inflated when it
+    is encrypted, compressed with a method not read, or declares more than ``cap``
     (zipfile then stops inflating at the declared size)."""
-    try:
-        with zipfile.ZipFile(_io.BytesIO(data)) as z:
-            out = {}
-            for name, cap in _MEMBER_CAPS.items():
-                info = z.getinfo(name)
-                if info.file_size > cap:
-                    raise ModelError(
-                        f"{where}: {name} declares {info.file_size:,} bytes (at most {cap:,})"
-                    )
-                out[name] = z.read(name)
-            return out
-    except (zipfile.BadZipFile, KeyError, EOFError, NotImplementedError) as exc:
-        raise ModelError(f"{where}: not a fruitdask model ({type(exc).__name__}: {exc})") from None
-    except (OSError, ValueError, zipfile.LargeZipFile) as exc:  # a damaged stream (bad CRC ...)
-        raise ModelError(f"{where}: damaged model ({type(exc).__name__}: {exc})") from None
+    info = z.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise ModelError(f"{where}: {name} is encrypted")
+    if info.compress_type not in _METHODS:
+        raise ModelError(
+            f"{where}: {name} is compressed with method {info.compress_type} "
+            f"(only {' or '.join(_METHODS.values())} are read)"
+        )
+    if info.file_size > cap:
+        raise ModelError(f"{where}: {name} declares {info.file_size:,} bytes (at most {cap:,})")
+    return info
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's declared bytes (see :func:`_read_bounded`)."""
+    with z.open(info) as f:
+        return _read_bounded(f, info.file_size)
+
+
+def _read_bounded(f, n: int) -> bytes:
+    """``n`` bytes of an open member at most, inflated 1 MiB at a time.
+    ``ZipFile.read`` (and ``read()`` of an open member) inflates all of the
+    compressed bytes in one call and cuts to the declared size afterwards: 3 MB
+    of deflate declaring 1 KB took 3.27 GB."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = f.read(min(1 << 20, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+class _ModelZip:
+    """The model's zip, its members read one at a time, each checked first."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        self.where = where
+        try:
+            self.z = zipfile.ZipFile(_io.BytesIO(data))
+        except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
+            raise ModelError(f"{where}: not a fruitdask model ({one_line(exc)})") from None
+        except _STREAM_ERRORS as exc:
+            raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
+
+    def __enter__(self) -> _ModelZip:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.z.close()
+
+    def read(self, name: str, cap: int | None = None) -> bytes:
+        cap = min(cap, _MEMBER_CAPS[name]) if cap is not None else _MEMBER_CAPS[name]
+        try:
+            return _read_member(self.z, _checked_info(self.z, name, cap, self.where))
+        except KeyError:
+            raise ModelError(f"{self.where}: not a fruitdask model (no {name})") from None
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise ModelError(f"{self.where}: not a fruitdask model ({one_line(exc)})") from None
+        except _STREAM_ERRORS as exc:  # a bad stream, CRC ...
+            raise ModelError(f"{self.where}: damaged model ({one_line(exc)})") from None
+
+
+def _depth(doc: Any) -> int:
+    """How deeply a parsed JSON document nests (iteratively: no recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, d)
+            if d <= _MAX_DEPTH:
+                stack.extend(
+                    (x, d + 1) for x in (node.values() if isinstance(node, dict) else node)
+                )
+    return deepest
 
 
 def _json(raw: bytes, name: str, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{where}: {name} is not JSON ({exc})") from None
+        raise ModelError(f"{where}: {name} is not JSON ({one_line(exc)})") from None
     except RecursionError:
         raise ModelError(f"{where}: {name} is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ModelError(f"{where}: {name} is not a JSON object")
+    if _depth(doc) > _MAX_DEPTH:
+        raise ModelError(f"{where}: {name} is nested too deeply (more than {_MAX_DEPTH} levels)")
     if name == "model.json" and doc.get("format") != FORMAT:
-        raise ModelError(
-            f"{where}: model format {doc.get('format')!r} is not supported (expected {FORMAT})"
-        )
+        got = doc.get("format")
+        got = got[:100] if isinstance(got, str) else type(got).__name__
+        raise ModelError(f"{where}: model format {got!r} is not supported (expected {FORMAT})")
     return doc
+
+
+def _meta(meta: Any, where: str) -> dict[str, Any]:
+    """The training facts; ``class_counts`` (the evaluation's baseline) checked."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ModelError(f"{where}: damaged model (meta is a {type(meta).__name__}, not an object)")
+    counts = meta.get("class_counts")
+    if counts is not None and not (
+        isinstance(counts, dict)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values())
+    ):
+        raise ModelError(f"{where}: damaged model (meta.class_counts is not label -> count)")
+    return dict(meta)
 
 
 def _pca(doc: dict[str, Any], where: str) -> PcaModel:
@@ -379,13 +486,17 @@ def _orb(doc: Any, where: str, max_pixels: int | None) -> features.OrbParams:
     try:
         orb = features.OrbParams(**params)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"{where}: ORB settings out of bounds ({exc})") from None
+        raise ModelError(f"{where}: ORB settings out of bounds ({one_line(exc)})") from None
     cap = max_pixels or features.DEFAULT_MAX_PIXELS
     if orb.max_pixels > cap:
         from dataclasses import replace
 
         orb = replace(orb, max_pixels=cap)
     return orb
+
+
+def _npy_bytes(shape: tuple, dtype: Any) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
@@ -404,12 +515,8 @@ def _arrays(raw: bytes, where: str, expected: dict[str, tuple[tuple, Any]]) -> d
     try:
         with zipfile.ZipFile(_io.BytesIO(raw)) as z:
             for name, (shape, dtype) in expected.items():
-                info = z.getinfo(f"{name}.npy")
-                need = int(np.prod(shape)) * np.dtype(dtype).itemsize + 4096
-                if info.file_size > need:
-                    raise ModelError(
-                        f"{where}: {name} declares {info.file_size:,} bytes (expected {need:,})"
-                    )
+                need = _npy_bytes(shape, dtype)
+                info = _checked_info(z, f"{name}.npy", need + 4096, where)
                 with z.open(info) as f:
                     got_shape, fortran, got_dtype = _npy_header(f)
                     if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype):
@@ -417,15 +524,18 @@ def _arrays(raw: bytes, where: str, expected: dict[str, tuple[tuple, Any]]) -> d
                             f"{where}: damaged model ({name} is {got_dtype}{list(got_shape)}, "
                             f"expected {np.dtype(dtype)}{list(shape)})"
                         )
-                    if got_dtype.hasobject:
-                        raise ModelError(f"{where}: {name} holds Python objects")
-                    body = f.read(int(np.prod(shape)) * got_dtype.itemsize)
+                    body = _read_bounded(f, need)
                 arr = np.frombuffer(body, dtype=got_dtype).copy()
                 out[name] = arr.reshape(shape, order="F" if fortran else "C")
                 if not np.isfinite(out[name]).all():
                     raise ModelError(f"{where}: damaged model ({name} holds NaN or infinity)")
+                if name != "centers" and out[name].size and np.abs(out[name]).max() > _MAX_WEIGHT:
+                    raise ModelError(
+                        f"{where}: damaged model ({name} holds weights beyond {_MAX_WEIGHT:g})"
+                    )
     except ModelError:
         raise
-    except (zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError) as exc:
-        raise ModelError(f"{where}: damaged model ({type(exc).__name__}: {exc})") from None
+    except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, NotImplementedError,
+            *_STREAM_ERRORS) as exc:  # fmt: skip
+        raise ModelError(f"{where}: damaged model ({one_line(exc)})") from None
     return out

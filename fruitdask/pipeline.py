@@ -118,6 +118,7 @@ class Timer:
     ) -> None:
         self.seconds: dict[str, float] = {k: float(v) for k, v in already.items()}
         self.on_stage = on_stage
+        self._running: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -125,10 +126,12 @@ class Timer:
             self.on_stage(stage, "begin", 0.0)
         t = time.perf_counter()
         ok = False
+        self._running[stage] = t
         try:
             yield
             ok = True
         finally:
+            self._running.pop(stage, None)
             spent = time.perf_counter() - t
             self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
             if self.on_stage and ok:
@@ -141,7 +144,13 @@ class Timer:
             self.on_stage(stage, "end", seconds)
 
     def rounded(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+        """Seconds per stage; a stage still running (``publish``, which writes the
+        manifest holding these) counts up to now."""
+        now = time.perf_counter()
+        out = dict(self.seconds)
+        for stage, t in self._running.items():
+            out[stage] = out.get(stage, 0.0) + now - t
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 @dataclass
@@ -469,8 +478,9 @@ def write_features(
 
     try:
         gather_as_completed(client, writes, stop, tick)
-    finally:
-        client.cancel(parts)
+    except BaseException:
+        client.cancel(parts)  # stop what still runs; on success the caller's release frees them
+        raise
 
 
 def summarize(

@@ -173,6 +173,36 @@ def cli(tmp_path) -> Cli:
     return Cli(tmp_path, uuid.uuid4().hex)
 
 
+@pytest.fixture(scope="module")
+def module_cli(tmp_path_factory) -> Cli:
+    """A :class:`Cli` shared by one module's tests (module-scoped runs such as a trained model)."""
+    return Cli(tmp_path_factory.mktemp("cli"), uuid.uuid4().hex)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small valid model built in-process: random PCA (4 components), 6 words, 3 classes."""
+    import numpy as np
+
+    from fruitdask.bovw import Encoder
+    from fruitdask.features import OrbParams
+    from fruitdask.model import LinearClassifier, Model
+    from fruitdask.pca import PcaModel
+
+    rng = np.random.default_rng(0)
+    pca = PcaModel(
+        mean=rng.random(32) * 100,
+        components=np.linalg.qr(rng.standard_normal((32, 4)))[0].T,
+        explained_variance=np.ones(4),
+        explained_variance_ratio=np.full(4, 0.1),
+        n_samples=100,
+        method="exact",
+    )
+    enc = Encoder(OrbParams(nfeatures=100), pca, rng.standard_normal((6, 4)).astype(np.float32))
+    clf = LinearClassifier(("a", "b", "c"), rng.standard_normal((3, 6)), rng.standard_normal(3))
+    return Model(enc, clf, "logreg-hellinger", {"run_id": "x"})
+
+
 @pytest.fixture(scope="session")
 def make_cli() -> Callable[[Path], Cli]:
     """A :class:`Cli` in a given folder (for module-scoped fixtures)."""

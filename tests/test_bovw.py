@@ -1,18 +1,13 @@
-"""Visual words against scikit-learn, and the Dask histogram path against a plain loop."""
+"""fruitdask.bovw: the visual-word kernels and the dask-ml KMeans vocabulary against
+scikit-learn (the Dask stages that use them are tested in test_encode.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import cv2
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 
-from fruitdask import bovw, features, io, pipeline
-from fruitdask.config import RunConfig
-from fruitdask.pca import PcaModel
+from fruitdask import bovw
 
 
 def _blobs(n_per: int, centres: np.ndarray, scale: float, seed: int) -> np.ndarray:
@@ -118,62 +113,48 @@ def test_kmeans_refuses_fewer_points_than_words():
         bovw.fit_vocabulary(np.zeros((10, 3), np.float32), 50)
 
 
-# ---------------------------------------------------------------- Dask path vs plain loop
-@pytest.fixture(scope="module")
-def features_run(sample_dir, dask_client, tmp_path_factory):
-    """The feature pipeline on the Training split of a sample with one blank image."""
-    root = tmp_path_factory.mktemp("bovw") / "fruits"
-    shutil.copytree(sample_dir, root)
-    blank = root / "Training" / sorted(p.name for p in (root / "Training").iterdir())[0]
-    cv2.imwrite(str(blank / "blank.png"), np.full((100, 100, 3), 255, np.uint8))
-    listing = io.list_images(str(root))
-    train = listing[listing["split"] == "Training"].reset_index(drop=True)
-    out = root.parent / "run"
-    cfg = RunConfig(input=str(root), output=str(out), partition_size=20)
-    pipeline.run(cfg, dask_client, listing=train)
-    manifest = json.loads((out / "manifest.json").read_text())
-    return root, out, manifest, train
+def _scattered(client, x: np.ndarray, sizes: list[int]):
+    """``x`` as a dask array of futures on the cluster, in chunks of ``sizes`` rows."""
+    import dask.array as da
+
+    cuts = np.cumsum([0, *sizes])
+    futures = client.scatter([x[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+    blocks = [
+        da.from_delayed(f, shape=(n, x.shape[1]), dtype=x.dtype)
+        for f, n in zip(futures, sizes, strict=True)
+    ]
+    return da.concatenate(blocks, axis=0)
 
 
-def test_histograms_match_a_plain_loop(features_run, dask_client, tmp_path):
-    root, out, manifest, train = features_run
-    parts = bovw.load_training_features(dask_client, str(out), manifest)
-    assert parts.n_images == len(train)
-    voc = bovw.fit_vocabulary(parts.sample_array(dask_client, 0), 12, seed=0)
-    results, files = bovw.histogram_parts(
-        dask_client, parts, voc.centers, str(tmp_path), "r1", colors=None
-    )
-    table = ds.dataset([str(tmp_path / f) for f in files]).to_table().to_pandas()
-    assert len(table) == len(train) and set(table["split"]) == {"Training"}
-
-    pca = PcaModel.from_json((out / manifest["files"]["model"][0]).read_text())
-    enc = bovw.Encoder(features.OrbParams(), pca, voc.centers)
-    for row in table.itertuples():
-        f = features.extract((root / row.path).read_bytes())
-        h = np.asarray(row.histogram, np.float32)
-        if len(f.descriptors) == 0:
-            assert not row.has_keypoints and row.n_keypoints == 0 and not h.any()
-            assert row.path.endswith("blank.png")
-            continue
-        words, _ = bovw.assign_words(pca.transform(f.descriptors), voc.centers)
-        ref = np.bincount(words, minlength=12) / len(words)
-        np.testing.assert_allclose(h, ref, rtol=1e-6)
-        assert row.has_keypoints and row.n_keypoints == len(f.descriptors)
-        # predict's fast path sees exactly what training saw
-        np.testing.assert_array_equal(enc.encode([(root / row.path).read_bytes()]).histograms[0], h)
-    assert (~table["has_keypoints"]).sum() == 1
+def test_a_fit_on_the_client_is_the_fit_on_the_cluster(dask_client):
+    """The small-sample route (gathered, synchronous scheduler, same chunks) gives
+    the vocabulary the cluster gives: the same k-means|| draws and Lloyd sums."""
+    rng = np.random.default_rng(31)
+    x = _blobs(150, rng.uniform(-100, 100, (20, 8)), 25.0, 32)
+    arr = _scattered(dask_client, x, [1000, 700, 1300])
+    on_cluster = bovw.fit_vocabulary(arr, 20, seed=3, local=False)
+    on_client = bovw.fit_vocabulary(arr, 20, seed=3, local=True)
+    assert (on_cluster.fitted_on, on_client.fitted_on) == ("cluster", "client")
+    np.testing.assert_array_equal(on_client.centers, on_cluster.centers)
+    assert on_client.n_iter == on_cluster.n_iter
+    # the default picks the client for a sample this small
+    assert bovw.fit_vocabulary(arr, 20, seed=3).fitted_on == "client"
+    assert 3000 * 20 <= bovw.LOCAL_FIT_CELLS
 
 
-def test_encode_listing_matches_the_encoder(features_run, dask_client):
-    root, out, manifest, train = features_run
-    pca = PcaModel.from_json((out / manifest["files"]["model"][0]).read_text())
-    centers = np.random.default_rng(0).normal(0, 100, (9, pca.n_components)).astype(np.float32)
-    enc = bovw.Encoder(features.OrbParams(), pca, centers, color=True)
-    listing = io.list_images(str(root))
-    rows = listing[listing["split"] == "Test"].reset_index(drop=True)
-    got = bovw.encode_listing(dask_client, str(root), rows, enc, partition_size=5)
-    ref = enc.encode([(root / p).read_bytes() for p in rows["path"]])
-    np.testing.assert_array_equal(got.histograms, ref.histograms)
-    assert got.colors is not None and ref.colors is not None
-    np.testing.assert_array_equal(got.colors, ref.colors)
-    assert got.status == ref.status
+def test_progress_reports_every_lloyd_iteration():
+    rng = np.random.default_rng(41)
+    x = _blobs(300, rng.uniform(-100, 100, (10, 5)), 20.0, 42)
+    seen = []
+    voc = bovw.fit_vocabulary(x, 10, seed=0, max_iter=50, progress=lambda *a: seen.append(a))
+    assert [s[0] for s in seen] == list(range(1, voc.n_iter + 1))
+    assert all(s[1] == 50 for s in seen)
+    shifts, tol = [s[2] for s in seen], seen[-1][3]
+    assert tol > 0 and all(np.isfinite(shifts))
+    if voc.n_iter < 50:  # stopped because the last shift fell below the tolerance
+        assert shifts[-1] < tol and all(s >= tol for s in shifts[:-1])
+    # the logger is left as it was
+    import logging
+
+    logger = logging.getLogger("dask_ml.cluster.k_means")
+    assert not logger.handlers and logger.propagate

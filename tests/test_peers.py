@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from fruitdask import features, sample, tables
+from fruitdask import features, sample, source, tables
 from fruitdask.pca import PcaModel
 
 pytestmark = pytest.mark.peers

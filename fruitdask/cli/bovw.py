@@ -285,9 +285,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if not args.json:
                 term.result(f"{src}: error: {r}")
             continue
-        latencies.append(r.latency_ms)
         if r.status == "error":
             failed.append(f"{src}: {r.message}")
+        else:  # the time of a refusal is not a prediction's
+            latencies.append(r.latency_ms)
         docs.append(r.to_dict())
         if args.json:
             continue
@@ -305,7 +306,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "median_latency_ms": round(median, 3) if median is not None else None,
             "predictions": docs,
         }))  # fmt: skip
-    elif median is not None:
+    elif median is not None and not failed:  # a failure is one line on stderr
         term.say(f"latency: median {median:.2f} ms per image over {len(latencies)} "
                  f"(model loaded in {load_ms:.0f} ms)")  # fmt: skip
     if failed:
