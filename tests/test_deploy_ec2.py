@@ -75,7 +75,7 @@ def restore_dask_config():
 
 
 def _spec(**extra):
-    from fruitdask.cluster import ClusterSpec
+    from fruitdask.config import ClusterSpec
 
     extra.setdefault("ec2_image", IMAGE)
     extra.setdefault("ec2_allow_cidr", [CALLER])
@@ -475,7 +475,7 @@ def test_ec2_cluster_runs_the_job(aws, ec2, ami, sample_dir, tmp_path):
     # ---- the job
     job = results["job"]
     assert job["rc"] == 0, job["stderr"][-3000:]
-    assert "Dask dashboard: http://127.0.0.1:" in job["stdout"]
+    assert "Dask dashboard: http://127.0.0.1:" in job["stderr"]
     ref_rows, ref_desc = _reference(sample_dir)
     images = _read(out, "images")
     got = dict(
@@ -564,7 +564,7 @@ def test_ec2_cluster_runs_the_job(aws, ec2, ami, sample_dir, tmp_path):
 
     # ---- Ctrl-C in the middle of the job: exit 130, everything gone.
     r = results["interrupt"]
-    assert r["rc"] == 130 and "interrupted" in r["stderr"], r["stderr"][-2000:]
+    assert r["rc"] == 130 and "stopped by SIGINT" in r["stderr"], r["stderr"][-2000:]
     assert r["workers_seen"] == 2
     instances = _instances(ec2, "case", r["case"])
     assert len(instances) == 3 and {i["State"]["Name"] for i in instances} == {"terminated"}
@@ -691,10 +691,19 @@ def _child(report_path: str, params_json: str) -> None:  # pragma: no cover - su
 
     real_run = pipeline.run
 
-    def interrupted_run(cfg, client, **kw):
+    def interrupted_run(cfg, client, progress=None, stop=None, *args, **kw):
+        # Ctrl-C for real: the signal reaches the CLI's handler, which records
+        # it; the run stops at its next check.
         client.wait_for_workers(2, timeout=60)
         state["workers_seen"] = len(client.scheduler_info()["workers"])
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+        tick = threading.Event()
+        for _ in range(1200):  # the handler runs between bytecodes of the main thread
+            if stop.requested:
+                break
+            tick.wait(0.05)
+        stop.check()
+        raise AssertionError("the stop was not noticed")
 
     results = []
     for sc in params["scenarios"]:

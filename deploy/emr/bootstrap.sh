@@ -3,9 +3,11 @@
 # Dask scheduler (primary node) or a Dask worker (every other node) and exit.
 #
 # EMR runs bootstrap actions on every node, as the hadoop user, before the
-# cluster's applications start. The node's role comes from EMR's instance info
-# files: instance.json "isMaster", and job-flow.json "masterPrivateDnsName" for
-# the scheduler's address (shared/NOTES.md). The daemons run as systemd units,
+# cluster's applications start. The node's role comes from the instance info
+# files EMR writes on every node under /mnt/var/lib/info: instance.json
+# "isMaster" (true on the primary node only), and job-flow.json
+# "masterPrivateDnsName" for the scheduler's address (the fake nodes in
+# tests/test_deploy_emr.py carry the same fields). The daemons run as systemd units,
 # started without waiting (--no-block), so this script returns as soon as the
 # install is done; a worker that starts before the scheduler keeps retrying.
 #

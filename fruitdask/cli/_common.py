@@ -94,9 +94,19 @@ class Terminal:
     """
 
     def __init__(self) -> None:
-        self.out: TextIO = sys.stdout
-        self.err: TextIO = sys.stderr
+        self._out: TextIO | None = None
+        self._err: TextIO | None = None
         self.log_path: str | None = None
+
+    # Until :meth:`redirect`, the process's streams as they are now (a caller
+    # that replaces sys.stdout, like pytest's capsys, sees the output).
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return self._err or sys.stderr
 
     def redirect(self, log_path: str) -> None:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -104,8 +114,8 @@ class Terminal:
         sys.stdout.flush()
         sys.stderr.flush()
         out_fd, err_fd = os.dup(1), os.dup(2)
-        self.out = os.fdopen(out_fd, "w", buffering=1, encoding="utf-8", errors="replace")
-        self.err = os.fdopen(err_fd, "w", buffering=1, encoding="utf-8", errors="replace")
+        self._out = os.fdopen(out_fd, "w", buffering=1, encoding="utf-8", errors="replace")
+        self._err = os.fdopen(err_fd, "w", buffering=1, encoding="utf-8", errors="replace")
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
