@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, NoReturn, TextIO, TypeVar
 
 from fruitdask.cancel import StopToken
@@ -269,7 +269,25 @@ def build_run_config(args: argparse.Namespace, **fixed: Any) -> RunConfig:
     return RunConfig.from_config(**{**given, **fixed}, **orb)
 
 
+def _data_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """The input and output of a command (``--input``/``--output``, or pack's
+    ``src``/``dst``), unset ones as dask.config would fill them."""
+    import dask.config
+
+    if hasattr(args, "src"):
+        return {"SRC": args.src, "DST": getattr(args, "dst", None)}
+    paths: dict[str, str | None] = {"--input": getattr(args, "input", None)}
+    if hasattr(args, "output"):
+        paths["--output"] = args.output or dask.config.get("fruitdask.output", None)
+    return paths
+
+
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The cluster of a command line, checked before anything starts: a local
+    cluster's options, and for a remote one (``ec2``, a scheduler on another
+    machine) that the input and output are URLs its workers can reach."""
+    from fruitdask.cluster import check_local, check_remote_paths, is_remote
+
     given = {f.name: getattr(args, f.name, None) for f, _ in config_fields(ClusterSpec)}
     extra = {k: v for k, v in vars(args).items() if k.startswith("ec2_") and v}
     spec = ClusterSpec.from_config(**given, extra=extra)
@@ -277,9 +295,16 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         flags = ", ".join("--" + k.removeprefix("ec2_").replace("_", "-") for k in sorted(extra))
         raise InputError(f"{flags}: only with --cluster ec2")
     if spec.kind == "local":
-        from fruitdask.cluster import check_local
-
-        spec = check_local(spec)
+        return check_local(spec)
+    if is_remote(spec.kind):
+        paths = _data_paths(args)
+        check_remote_paths(spec.kind, paths)
+        if spec.kind == "ec2":
+            # what ec2_cluster checks and stages before it creates anything
+            urls = list(paths.values())
+            data = {"input": urls[0], "output": urls[-1], "storage_options":
+                    storage_options_from_args(args)}  # fmt: skip
+            spec = replace(spec, extra={**spec.extra, "ec2_data": data})
     return spec
 
 
@@ -290,9 +315,12 @@ def open_cluster(spec: ClusterSpec, stop: StopToken) -> Iterator[tuple[Any, floa
         from distributed import Client
 
         from fruitdask.aws.ec2 import ec2_cluster  # fruitdask[aws]
+        from fruitdask.cluster import check_versions
 
         t0 = time.perf_counter()
-        with ec2_cluster(spec) as cluster, Client(cluster) as client:
+        with ec2_cluster(spec, stop=stop, say=term.say) as cluster, Client(cluster) as client:
+            check_versions(client)
+            stop.check()
             yield client, time.perf_counter() - t0
         return
     from fruitdask.cluster import connect, exposure
@@ -382,12 +410,19 @@ class Supervisor:
         try:
             thread.start()
             deadline = None
+            told = 0
             while thread.is_alive():
                 thread.join(0.1)
                 if self.stop.requested and deadline is None:
                     self.stop.fire()
                     deadline = time.monotonic() + self.GRACE
-                if deadline is not None and time.monotonic() > deadline:
+                held = self.stop.held
+                if held and self.stop.requests > told:
+                    # cloud instances are being terminated: say so, and wait
+                    more = "" if told == 0 else " (a further signal does not skip it)"
+                    term.say(f"stopping: {held}{more}")
+                    told = self.stop.requests
+                if deadline is not None and time.monotonic() > deadline and not held:
                     break
             self.stop.close()  # from here on nothing can commit
         finally:

@@ -31,7 +31,16 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
         "--image",
         dest="ec2_image",
         metavar="IMAGE",
-        help="Docker image with fruitdask (deploy/Dockerfile), pulled by every instance",
+        help="a Docker image with fruitdask in it (deploy/Dockerfile; ECR works). Default: "
+        "the official Dask image at this machine's dask and Python, with this machine's "
+        "fruitdask installed at start",
+    )
+    g.add_argument(
+        "--staging",
+        dest="ec2_staging",
+        metavar="URL",
+        help="where fruitdask's wheel is staged for the instances (default: "
+        "s3://<output bucket>/fruitdask-staging)",
     )
     g.add_argument(
         "--worker-instance-type",
@@ -107,14 +116,16 @@ def register(subparsers) -> None:
 def _register_plan(subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="workers and cost to process N images by a deadline on AWS",
-        description="Estimate the workers needed and the cost of a run on EC2 or EMR, "
-        "from the per-core throughput of a run's manifest.json (or a measured default) "
-        "and a dated on-demand price table. Calls nothing.",
+        help="workers, wall time and cost to process N images by a deadline on AWS",
+        description="Estimate the workers needed, the wait (start-up, install, work, "
+        "teardown) and the cost of a run on EC2 or EMR, from a measured per-core "
+        "throughput (fruitdask/aws/throughput.json, or a run's manifest.json) and a "
+        "dated on-demand price table. Calls nothing.",
     )
     p.add_argument("--images", type=int, required=True, help="number of images")
     p.add_argument(
-        "--deadline", help="wall-clock budget, start-up included, e.g. 10m, 1h (default 30m)"
+        "--deadline",
+        help="wall-clock budget to the result, start-up included, e.g. 10m, 1h (default 30m)",
     )
     p.add_argument(
         "--workers", type=int, help="plan this many workers instead of meeting a deadline"
@@ -129,9 +140,17 @@ def _register_plan(subparsers) -> None:
         help="a run's manifest.json (or its output folder): its images_per_s_per_core",
     )
     p.add_argument("--prices", metavar="FILE", help="price table JSON (default: the shipped one)")
+    p.add_argument(
+        "--region",
+        help="price region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1; "
+        "run --cluster ec2 defaults to the input bucket's)",
+    )
     p.add_argument("--service", choices=("ec2", "emr"), help="EC2 (default) or EMR pricing")
     p.add_argument(
-        "--startup", metavar="DURATION", help="start-up overhead (default ec2 4m, emr 10m)"
+        "--startup",
+        metavar="DURATION",
+        help="start-up and install before any work "
+        "(default: the sum of the start and install figures printed)",
     )
     p.add_argument(
         "--rate", type=float, help="images/s per vCPU (overrides --manifest and the default)"
@@ -142,28 +161,43 @@ def _register_plan(subparsers) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
     from fruitdask.aws import aws_config
     from fruitdask.aws import plan as pl
 
     positive("--images", args.images)
     positive("--workers", args.workers)
+    notes: list[str] = []
     try:
         service = args.service or aws_config("plan.service")
         d = pl.defaults(service)
-        prices = pl.load_prices(args.prices)
+        region = args.region or os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION")  # fmt: skip
+        prices = pl.load_prices(args.prices, region)
+        if region and region != prices.region:
+            notes.append(
+                f"note: {prices.path} has no prices for {region} (it has "
+                f"{', '.join(prices.regions)}): {prices.region}'s are used"
+            )
         if args.rate is not None:
             rate, source = args.rate, "--rate"
         elif args.manifest:
-            rate, source = pl.throughput_from_manifest(args.manifest)
+            rate, source, warning = pl.throughput_from_manifest(args.manifest)
+            if warning:
+                notes.append(warning)
         else:
-            rate, source = d["rate_per_core"], "default: README Performance, packed S3 input"
+            rate, source = d["rate_per_core"], d["rate_source"]
         deadline = pl.parse_duration(args.deadline) if args.deadline else d["deadline_s"]
+        startup = pl.parse_duration(args.startup) if args.startup else d["startup_s"]
         kwargs: dict[str, Any] = {
             "rate_per_core": rate,
             "deadline_s": None if args.workers else deadline,
             "workers": args.workers,
             "efficiency": args.efficiency if args.efficiency is not None else d["efficiency"],
-            "startup_s": pl.parse_duration(args.startup) if args.startup else d["startup_s"],
+            "startup_s": startup,
+            "teardown_s": d["teardown_s"],
+            "extras_per_hour": prices.extras_per_hour(d["ebs_gb"]),
             "service": service,
             "minimum_seconds": prices.minimum_seconds,
         }
@@ -175,18 +209,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if not options:
                 raise pl.PlanError(f"no instance type in {prices.path} has a {service} price")
             best = options[0]
+        parts = pl.waits(service, best.job_s, source)
+        if args.startup:
+            parts = [w for w in parts if w.name not in ("start", "install")]
+            parts.insert(0, pl.Wait("start", float(startup or 0.0), "--startup"))
     except pl.PlanError as exc:
         raise InputError(str(exc)) from None
+    for note in notes:
+        if note.startswith("warning:"):
+            term.say(note)
     if args.json:
-        term.result(json.dumps(_plan_json(best, prices, source)))
+        term.result(json.dumps(_plan_json(best, prices, source, parts, notes)))
     else:
         term.result(
-            pl.format_plan(best, prices, source, options[:8] if not args.instance_type else None)
+            pl.format_plan(
+                best,
+                prices,
+                source,
+                options[:8] if not args.instance_type else None,
+                waits=parts,
+                notes=[n for n in notes if not n.startswith("warning:")],
+            )
         )
     return 0
 
 
-def _plan_json(p, prices, source: str) -> dict[str, Any]:
+def _plan_json(p, prices, source: str, parts, notes: list[str]) -> dict[str, Any]:
     return {
         "service": p.service,
         "images": p.images,
@@ -200,12 +248,19 @@ def _plan_json(p, prices, source: str) -> dict[str, Any]:
         "startup_s": round(p.startup_s, 1),
         "job_s": round(p.job_s, 1),
         "wall_s": round(p.wall_s, 1),
+        "teardown_s": round(p.teardown_s, 1),
+        "total_s": round(p.total_s, 1),
+        "waits": [
+            {"name": w.name, "seconds": round(w.seconds, 1), "source": w.source, "cut": w.cut}
+            for w in parts
+        ],
         "deadline_s": p.deadline_s,
         "meets_deadline": p.meets_deadline,
         "usd_per_hour": round(p.usd_per_hour, 4),
         "cost_usd": round(p.cost_usd, 4),
         "prices_as_of": prices.as_of,
         "prices_region": prices.region,
+        "notes": notes,
     }
 
 
