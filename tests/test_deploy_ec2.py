@@ -252,6 +252,127 @@ def test_dry_run_calls_nothing(monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+def test_remote_clusters_refuse_local_paths(cli, sample_dir, tmp_path):
+    """With a cluster whose workers run elsewhere, a path on this machine is
+    refused before anything is created: one line, exit 2, no output folder."""
+    from fruitdask.cluster import is_remote
+
+    assert not is_remote("local") and not is_remote("tcp://127.0.0.1:8786")
+    assert not is_remote("tls://localhost:8786")
+    assert is_remote("ec2") and is_remote("tcp://203.0.113.5:8786")
+    out = tmp_path / "out"
+    cases = [
+        (["run", "--cluster", "ec2", "--input", str(sample_dir), "--output", "s3://b/o"],
+         ["--input", "a path on this machine"]),
+        (["run", "--cluster", "ec2", "--input", "s3://b/in", "--output", str(out)],
+         ["--output", "a path on this machine"]),
+        (["run", "--cluster", "tcp://203.0.113.5:8786", "--input", "s3://b/in"],
+         ["--output is required", "s3://b/in-features"]),
+        (["run", "--cluster", "ec2", "--output", "s3://b/o"], ["--input is required"]),
+        (["pack", str(sample_dir), "s3://b/packed", "--cluster", "ec2"],
+         ["SRC", "a path on this machine"]),
+        (["run", "--cluster", "ec2", "--input", "file:///data", "--output", "s3://b/o",
+          "--dry-run"], ["--input file:///data"]),
+    ]  # fmt: skip
+    for argv, needles in cases:
+        cli.one_line(cli.run(*argv), *needles)
+    assert not out.exists()
+
+
+@pytest.mark.s3
+def test_private_input_without_instance_profile_is_refused(cli, s3, sample_dir):
+    """The instances would have no credentials for a private input: refused
+    before anything is created in the account, with the command that fixes it."""
+    from fruitdask.testing import S3_KEY, S3_SECRET
+
+    bucket = s3.make_bucket()
+    s3.upload_tree(sample_dir, f"{bucket}/in")
+    keys = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    r = cli.run("run", "--cluster", "ec2", "--input", f"{bucket}/in", "--output",
+                f"{bucket}/out", "--endpoint-url", s3.endpoint_url, "--allow-cidr", CALLER,
+                "--quiet", **keys)  # fmt: skip
+    cli.one_line(r, "no --instance-profile", f"read the private input {bucket}/in",
+                 f"fruitdask aws iam --input {bucket}/in --output {bucket}/out",
+                 "--instance-profile fruitdask-cluster")  # fmt: skip
+    assert s3.fs().find(f"{bucket.removeprefix('s3://')}/out") == []
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    # in the log's folder: `python -m` puts the working directory first on the path
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_version_check_at_connect(cli, sample_dir, tmp_path):
+    """A scheduler whose workers run other versions is refused at connect with
+    one line: a different dask (as importlib.metadata reports it), then other
+    fruitdask files. Real scheduler and worker processes on loopback."""
+    import shutil
+
+    import dask
+    from distributed import Client
+
+    from fruitdask.testing import free_port
+
+    port = free_port()
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base_env["PYTHONPATH"] = str(REPO)
+    scheduler = _start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                        "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                       base_env, tmp_path / "scheduler.log")  # fmt: skip
+    # a worker that says dask 2020.1.0: a distribution's metadata ahead on its path
+    old = tmp_path / "old-dask"
+    (old / "dask-2020.1.0.dist-info").mkdir(parents=True)
+    (old / "dask-2020.1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: dask\nVersion: 2020.1.0\n"
+    )
+    # a worker with fruitdask's files changed by one comment
+    other = tmp_path / "other-fruitdask"
+    shutil.copytree(REPO / "fruitdask", other / "fruitdask",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    with open(other / "fruitdask" / "features.py", "a") as fh:
+        fh.write("# a local change\n")
+    procs = [scheduler]
+    address = f"tcp://127.0.0.1:{port}"
+    argv = ["run", "--cluster", address, "--input", str(sample_dir), "--output",
+            str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    try:
+        with Client(address, timeout=60) as client:
+            for path, needles in (
+                (old, [f"dask {dask.__version__} here, 2020.1.0 on worker tcp://127.0.0.1:"]),
+                (other, ["fruitdask's files differ", "on worker tcp://127.0.0.1:"]),
+            ):
+                env = {**base_env, "PYTHONPATH": f"{path}{os.pathsep}{REPO}"}
+                worker = _start([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                 "--nthreads", "1", "--host", "127.0.0.1"],
+                                env, tmp_path / "worker.log")  # fmt: skip
+                procs.append(worker)
+                client.wait_for_workers(1, timeout=120)
+                cli.one_line(cli.run(*argv), "run different versions", *needles)
+                _stop(worker)
+                tick = threading.Event()
+                for _ in range(600):  # the scheduler notices the worker has gone
+                    if not client.scheduler_info()["workers"]:
+                        break
+                    tick.wait(0.1)
+        assert not (tmp_path / "out" / "_SUCCESS").exists()
+    finally:
+        for p in procs:
+            _stop(p)
+
+
 def test_missing_aws_extra_gives_the_install_hint(monkeypatch):
     from fruitdask.aws import AwsError
     from fruitdask.aws.ec2 import ec2_cluster

@@ -67,6 +67,7 @@ __all__ = [
     "instance_ended",
     "is_public",
     "latest_ami",
+    "preflight",
     "run_instances_by_tag",
     "security_group_rules",
     "settings_from_spec",
@@ -1024,6 +1025,17 @@ def check_image(s: Ec2Settings, say: Callable[[str], None]) -> None:
         say(f"note: could not confirm that {s.image} exists; starting anyway")
 
 
+def preflight(spec, say: Callable[[str], None] | None = None):
+    """The checks :func:`ec2_cluster` makes before it creates anything, made
+    earlier (before the output is locked); returns ``spec`` marked as checked."""
+    from dataclasses import replace
+
+    s = settings_from_spec(spec)
+    check_credentials(s)
+    check_image(s, say or _stderr)
+    return replace(spec, extra={**spec.extra, "ec2_checked": True})
+
+
 # ---------------------------------------------------------------- the cluster
 @contextlib.contextmanager
 def ec2_cluster(
@@ -1079,8 +1091,9 @@ def ec2_cluster(
         found = lookup_ip() if lookup_ip else caller_cidr(s.ip_lookup_url, s.ip_lookup_timeout_s)
         cidrs = (check_cidr(found),)
     region = _choose_region(s, say)
-    check_credentials(s)
-    check_image(s, say)
+    if not spec.extra.get("ec2_checked"):
+        check_credentials(s)
+        check_image(s, say)
     if s.install and s.wheel_url:
         from fruitdask.aws.stage import build_wheel, stage
 

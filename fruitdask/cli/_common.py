@@ -278,7 +278,10 @@ def _data_paths(args: argparse.Namespace) -> dict[str, str | None]:
         return {"SRC": args.src, "DST": getattr(args, "dst", None)}
     paths: dict[str, str | None] = {"--input": getattr(args, "input", None)}
     if hasattr(args, "output"):
-        paths["--output"] = args.output or dask.config.get("fruitdask.output", None)
+        # a value set in dask.config counts; the packaged local default does not
+        packaged = {f.name: f.default for f in fields(RunConfig)}["output"]
+        configured = dask.config.get("fruitdask.output", None)
+        paths["--output"] = args.output or (configured if configured != packaged else None)
     return paths
 
 

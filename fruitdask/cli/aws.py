@@ -106,10 +106,77 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the ``emr`` and ``plan`` sub-commands, and the EC2 options of ``run``."""
+    """Add the ``aws``, ``emr`` and ``plan`` sub-commands, and the EC2 options of ``run``."""
     add_run_arguments(subparsers.choices["run"])
     _register_plan(subparsers)
     _register_emr(subparsers)
+    _register_aws(subparsers)
+
+
+# ---------------------------------------------------------------- aws iam
+def _register_aws(subparsers) -> None:
+    a = subparsers.add_parser(
+        "aws",
+        help="set up an AWS account for fruitdask (the instances' IAM role)",
+        description="One-time set-up in your AWS account.",
+    )
+    sub = a.add_subparsers(dest="aws_command", metavar="ACTION", parser_class=type(a))
+    sub.required = True
+    i = sub.add_parser(
+        "iam",
+        help="create or update the instances' least-privilege role and instance profile",
+        description="Create (or bring up to date) an IAM role and an instance profile of "
+        "the same name for the cluster's instances, EC2 or EMR: read the input prefix, "
+        "read and write the output prefix, read the staging prefix (fruitdask's wheel, "
+        "the EMR bootstrap) and write its logs/ folder; nothing else. Pass the name to "
+        "--instance-profile. --dry-run prints the policy and calls nothing.",
+    )
+    i.add_argument("--input", "-i", required=True, metavar="S3_URL", help="the input prefix")
+    i.add_argument("--output", "-o", required=True, metavar="S3_URL", help="the output prefix")
+    i.add_argument(
+        "--staging",
+        metavar="S3_URL",
+        help="where fruitdask is staged (default: s3://<output bucket>/fruitdask-staging)",
+    )
+    i.add_argument("--image", help="an ECR image the instances pull (adds pull rights on it)")
+    i.add_argument("--name", help="role and instance profile name (fruitdask-cluster)")
+    i.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    i.add_argument("--dry-run", action="store_true", help="print the policy as JSON; call nothing")
+    i.set_defaults(func=cmd_aws_iam)
+
+
+def cmd_aws_iam(args: argparse.Namespace) -> int:
+    from fruitdask.aws import aws_config, iam, parse_tags
+    from fruitdask.aws.ec2 import default_staging
+
+    name = args.name or str(aws_config("iam.name"))
+    try:
+        staging = args.staging or default_staging(args.output) or ""
+        document = iam.policy(args.input, args.output, staging, args.image)
+        tags = parse_tags(args.tag, aws_config("tags"))
+        if args.dry_run:
+            term.result(json.dumps(document, indent=1))
+            term.say(
+                f"dry run: role and instance profile {name} (trusted by ec2.amazonaws.com) "
+                f"with inline policy {iam.POLICY_NAME} above; nothing created"
+            )
+            return 0
+        try:
+            import boto3
+        except ImportError as exc:
+            from fruitdask.aws import install_hint
+
+            raise install_hint(exc) from None
+        done = iam.ensure_role(boto3.client("iam"), document, name=name, tags=tags)
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    term.result(json.dumps(done))
+    term.say(
+        f"{'; '.join(done['changes']) or 'up to date'}: pass --instance-profile {name} to "
+        "`run --cluster ec2` or `emr run/create` (launching needs iam:PassRole on "
+        f"{done['role_arn']})"
+    )
+    return 0
 
 
 # ---------------------------------------------------------------- plan
