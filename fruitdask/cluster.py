@@ -26,6 +26,7 @@ from fruitdask.errors import ClusterError, InputError, one_line
 __all__ = [
     "MIN_WORKER_MEMORY",
     "STRICT_PACKAGES",
+    "WAIT_FOR_WORKERS_S",
     "check_address",
     "check_local",
     "check_memory_limit",
@@ -43,6 +44,10 @@ __all__ = [
     "usage",
     "warm_up",
 ]
+
+
+#: With ``--workers N`` and a scheduler address, how long to wait for N workers.
+WAIT_FOR_WORKERS_S = 600.0
 
 
 def dashboard_link(client) -> str | None:
@@ -226,6 +231,14 @@ def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {spec.kind}: {exc}") from None
         try:
+            if spec.workers:  # a scheduler whose workers are still starting (EMR)
+                try:
+                    client.wait_for_workers(spec.workers, timeout=WAIT_FOR_WORKERS_S)
+                except TimeoutError:
+                    raise ClusterError(
+                        f"{spec.kind}: fewer than {spec.workers} workers after "
+                        f"{WAIT_FOR_WORKERS_S:.0f}s"
+                    ) from None
             check_versions(client)
             yield client, time.perf_counter() - t0
         finally:

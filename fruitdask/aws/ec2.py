@@ -1220,10 +1220,12 @@ def _usage(s: Ec2Settings, region: str | None, t0: float) -> dict[str, Any]:
     ``fruitdask_usage``, recorded in the manifest at commit)."""
     from fruitdask.aws.plan import estimate_usage
 
+    counts = {s.scheduler_instance_type: 1}
+    counts[s.worker_instance_type] = counts.get(s.worker_instance_type, 0) + s.workers
     return estimate_usage(
         "ec2",
         region,
-        {s.scheduler_instance_type: 1, s.worker_instance_type: s.workers},
+        counts,
         seconds=time.time() - t0,
         ebs_gb_each=s.filesystem_size,
         public_ipv4_each=1,

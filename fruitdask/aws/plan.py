@@ -37,6 +37,7 @@ __all__ = [
     "default_throughput",
     "defaults",
     "estimate_usage",
+    "format_duration",
     "format_plan",
     "load_prices",
     "parse_duration",
@@ -398,8 +399,8 @@ def plan_job(
         budget = deadline_s - startup_s
         if budget <= 0:
             raise PlanError(
-                f"the deadline ({_duration(deadline_s)}) is not longer than the start-up "
-                f"overhead ({_duration(startup_s)}): nothing is left for the work"
+                f"the deadline ({format_duration(deadline_s)}) is not longer than the start-up "
+                f"overhead ({format_duration(startup_s)}): nothing is left for the work"
             )
         workers = max(1, math.ceil(images / (per_worker * budget) - 1e-9))
     elif workers < 1:
@@ -448,7 +449,8 @@ def _money(usd: float) -> str:
     return f"${usd:,.3f}" if usd < 1 else f"${usd:,.2f}"
 
 
-def _duration(s: float) -> str:
+def format_duration(s: float) -> str:
+    """``95`` -> ``1m35s``, ``3900`` -> ``1h05m``."""
     s = round(s)
     if s < 60:
         return f"{s}s"
@@ -474,10 +476,10 @@ def format_plan(
     surcharge = " + EMR" if p.service == "emr" else ""
     lines = [
         f"plan: {p.images:,} images on {p.service.upper()}"
-        + (f" by a deadline of {_duration(p.deadline_s)}" if p.deadline_s else ""),
+        + (f" by a deadline of {format_duration(p.deadline_s)}" if p.deadline_s else ""),
         f"  throughput:  {p.rate_per_core:,.0f} images/s per vCPU x efficiency {p.efficiency:g}"
         f" ({rate_source})",
-        f"  start-up:    {_duration(p.startup_s)} (billed, no work done)",
+        f"  start-up:    {format_duration(p.startup_s)} (billed, no work done)",
         f"  prices:      {prices.region} on-demand {prices.currency}{surcharge} with gp3 EBS "
         f"(${prices.ebs_gb_month:g}/GB-month) and a public IPv4 (${prices.ipv4_hour:g}/h) "
         f"per instance, as of {prices.as_of} ({os.path.basename(prices.path)})",
@@ -485,8 +487,8 @@ def format_plan(
         f"workers:       {p.workers} x {p.instance.name} ({p.instance.vcpu} vCPU, "
         f"{p.instance.memory_gib:g} GiB) = {p.vcpus} vCPUs"
         f", plus 1 x {p.head.name} {head_role}",
-        f"run time:      {_duration(p.wall_s)} to the result ({_duration(p.startup_s)} start-up "
-        f"+ {_duration(p.job_s)} work), {_duration(p.total_s)} with the teardown"
+        f"run time:      {format_duration(p.wall_s)} to the result ({format_duration(p.startup_s)} start-up "
+        f"+ {format_duration(p.job_s)} work), {format_duration(p.total_s)} with the teardown"
         + ("" if p.meets_deadline else "  ** misses the deadline **"),
         f"cost:          {_money(p.cost_usd)} (${p.usd_per_hour:,.3f}/hour while up"
         + (", spot is cheaper but can be reclaimed" if p.service == "ec2" else "")
@@ -497,10 +499,10 @@ def format_plan(
     if waits:
         lines += ["", f"what you wait for on {p.service.upper()}:"]
         for w in waits:
-            lines.append(f"  {w.name:<9} {_duration(w.seconds):>7}  {w.source}")
+            lines.append(f"  {w.name:<9} {format_duration(w.seconds):>7}  {w.source}")
             if w.cut:
                 lines.append(f"  {'':<9} {'':>7}  cut it: {w.cut}")
-        lines.append(f"  {'total':<9} {_duration(sum(w.seconds for w in waits)):>7}")
+        lines.append(f"  {'total':<9} {format_duration(sum(w.seconds for w in waits)):>7}")
     for note in notes or []:
         lines += ["", note]
     if alternatives:
@@ -516,7 +518,7 @@ def _table(plans: list[Plan], best: Plan) -> str:
                 p.instance.name,
                 str(p.instance.vcpu),
                 str(p.workers),
-                _duration(p.wall_s),
+                format_duration(p.wall_s),
                 f"{p.usd_per_hour:,.3f}",
                 _money(p.cost_usd)[1:],
                 "<- chosen" if p is best else "",

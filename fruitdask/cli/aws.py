@@ -13,7 +13,7 @@ import json
 import shlex
 from typing import Any
 
-from fruitdask.cli._common import positive, term
+from fruitdask.cli._common import add_storage_arguments, positive, storage_options_from_args, term
 from fruitdask.errors import InputError
 
 __all__ = ["add_run_arguments", "register"]
@@ -347,34 +347,41 @@ def _register_emr(subparsers) -> None:
         p.add_argument("--region", help="AWS region (default: boto's)")
         p.add_argument("--dry-run", action="store_true", help="print the API payload as JSON")
 
-    c = sub.add_parser("create", help="run_job_flow: a cluster with Dask on it")
-    c.add_argument("--name", default="fruitdask", help="cluster name (fruitdask)")
-    c.add_argument(
-        "--bootstrap-uri",
-        required=True,
-        metavar="S3_URL",
-        help="where deploy/emr/bootstrap.sh was uploaded",
+    r = sub.add_parser(
+        "run",
+        help="one shot: stage fruitdask, start a cluster that runs the job and terminates",
+        description="Upload the bootstrap script, this machine's fruitdask (a wheel) and its "
+        "pinned dependencies to --staging, create a cluster whose only step is the job "
+        "(KeepJobFlowAliveWhenNoSteps=False: it terminates when the step ends, or fails), "
+        "follow it (cluster and step states, the SSH tunnel to the dashboard), then print "
+        "the output, the wall time and the estimated cost. Ctrl-C terminates the cluster.",
     )
-    c.add_argument(
-        "--package",
-        required=True,
-        help="fruitdask for the nodes: an s3:// wheel (pip wheel --no-deps . -w dist) or pip spec",
+    r.add_argument("--input", "-i", required=True, help="s3:// folder of images or shards")
+    r.add_argument("--output", "-o", required=True, help="s3:// output folder")
+    r.add_argument(
+        "--engine", choices=("dask", "spark"), default="dask", help="the Dask job or the Spark one"
     )
-    c.add_argument(
-        "--constraints", metavar="URL", help="pip constraints (deploy/requirements.txt on S3)"
+    r.add_argument("--timeout", metavar="DURATION", help="terminate the cluster after this")
+    r.add_argument(
+        "--job-args",
+        default="",
+        metavar="'ARGS'",
+        help="more arguments for the job, one quoted string: --job-args='--partition-size 2000'",
     )
-    c.add_argument("--log-uri", required=True, metavar="S3_URL", help="EMR log folder")
-    c.add_argument("--release", help="EMR release label (emr-7.9.0)")
-    c.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    c.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    c.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
-    c.add_argument("--core-spot", action="store_true", help="core nodes on spot")
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _cluster_arguments(r, one_shot=True)
+    common(r)
+    r.set_defaults(func=cmd_emr_run)
+
+    c = sub.add_parser(
+        "create",
+        help="run_job_flow: a long-lived cluster with Dask on it (auto-terminates when idle)",
+        description="A cluster that stays up for `emr submit` until idle for --idle-timeout. "
+        "Without --bootstrap-uri and --package, this machine's fruitdask and the bootstrap "
+        "script are staged under --staging first.",
+    )
     c.add_argument("--idle-timeout", metavar="DURATION", help="auto-terminate after (1h)")
-    c.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
-    c.add_argument("--instance-profile", help="EC2 instance profile (EMR_EC2_DefaultRole)")
-    c.add_argument("--subnet-id")
-    c.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
-    c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    _cluster_arguments(c, one_shot=False)
     common(c)
     c.set_defaults(func=cmd_emr_create)
 
@@ -430,14 +437,122 @@ def _register_emr(subparsers) -> None:
     t.set_defaults(func=cmd_emr_terminate)
 
 
+def _cluster_arguments(p: argparse.ArgumentParser, one_shot: bool) -> None:
+    p.add_argument("--name", default="fruitdask", help="cluster name (fruitdask)")
+    p.add_argument(
+        "--staging",
+        metavar="S3_URL",
+        help="where fruitdask, the bootstrap script and the logs go"
+        + (" (default: s3://<output bucket>/fruitdask-staging)" if one_shot else ""),
+    )
+    p.add_argument(
+        "--log-uri", metavar="S3_URL", help="EMR's log folder (default: <staging>/logs/)"
+    )
+    if not one_shot:
+        p.add_argument(
+            "--bootstrap-uri", metavar="S3_URL", help="deploy/emr/bootstrap.sh, uploaded by hand"
+        )
+        p.add_argument(
+            "--package", help="fruitdask for the nodes, by hand: an s3:// wheel or a pip spec"
+        )
+        p.add_argument("--constraints", metavar="URL", help="pip constraints, by hand")
+    p.add_argument("--release", help="EMR release label, 7.x (emr-7.9.0)")
+    p.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    p.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    p.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
+    p.add_argument("--core-spot", action="store_true", help="core nodes on spot")
+    p.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
+    p.add_argument(
+        "--instance-profile",
+        help="the nodes' instance profile (EMR_EC2_DefaultRole; `fruitdask aws iam` makes a "
+        "least-privilege one)",
+    )
+    p.add_argument("--subnet-id")
+    p.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    add_storage_arguments(p)
+
+
+def _emr_settings(args: argparse.Namespace, staging: str | None, keep_alive: bool):
+    """``(EmrSettings, uploads)``: what is given by hand, the rest staged."""
+    from fruitdask.aws import AwsError, aws_config, emr, parse_tags
+
+    def conf(value: Any, key: str) -> Any:
+        return aws_config(f"emr.{key}", value)
+
+    positive("--core-count", args.core_count)
+    by_hand = {
+        "bootstrap": getattr(args, "bootstrap_uri", None),
+        "package": getattr(args, "package", None),
+        "constraints": getattr(args, "constraints", None),
+    }
+    uploads: dict[str, tuple[str, bytes]] = {}
+    if not (by_hand["bootstrap"] and by_hand["package"]):
+        if not staging:
+            raise AwsError(
+                "--staging S3_URL is required (or --bootstrap-uri and --package): where "
+                "fruitdask and the bootstrap script are uploaded for the nodes"
+            )
+        staged = emr.staged_files(staging)
+        uploads = {k: v for k, v in staged.items() if not by_hand.get(k)}
+    urls = {k: by_hand.get(k) or uploads[k][0] for k in ("bootstrap", "package")}
+    constraints = by_hand["constraints"] or (uploads["constraints"][0] if uploads else None)
+    log_uri = args.log_uri or (f"{staging.rstrip('/')}/logs/" if staging else None)
+    if not log_uri:
+        raise AwsError("--log-uri S3_URL is required (or --staging)")
+    idle = _duration(conf(getattr(args, "idle_timeout", None), "idle-timeout"))
+    s = emr.EmrSettings(
+        bootstrap_uri=urls["bootstrap"],
+        package=urls["package"],
+        log_uri=log_uri,
+        name=args.name,
+        release=conf(args.release, "release"),
+        primary_instance_type=conf(args.primary_instance_type, "primary-instance-type"),
+        core_instance_type=conf(args.core_instance_type, "core-instance-type"),
+        core_count=int(conf(args.core_count, "core-count")),
+        core_spot=args.core_spot,
+        idle_timeout_s=int(idle or 3600),
+        service_role=conf(args.service_role, "service-role"),
+        instance_profile=conf(args.instance_profile, "instance-profile"),
+        subnet_id=args.subnet_id,
+        key_name=args.key_name,
+        constraints=constraints,
+        prefix=conf(None, "prefix"),
+        scheduler_port=int(conf(None, "scheduler-port")),
+        dashboard_port=int(conf(None, "dashboard-port")),
+        tags=parse_tags(args.tag, aws_config("tags")),
+        keep_alive=keep_alive,
+    )
+    return s, uploads
+
+
+def _upload(uploads: dict[str, tuple[str, bytes]], args: argparse.Namespace) -> None:
+    from fruitdask.aws.stage import stage
+
+    so = storage_options_from_args(args)
+    for kind, (url, data) in uploads.items():
+        if stage(url, data, so):
+            term.say(f"staged the {kind}: {url}")
+
+
+def _counts(*pairs: tuple[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for itype, n in pairs:
+        out[itype] = out.get(itype, 0) + n
+    return out
+
+
 def _aws_errors() -> tuple[type[BaseException], ...]:
     from fruitdask.aws import AwsError
 
     return (AwsError,)
 
 
-def _dry(operation: str, payload: dict[str, Any]) -> int:
-    term.result(json.dumps({"operation": operation, "payload": payload}, indent=1))
+def _dry(operation: str, payload: dict[str, Any], uploads: dict | None = None) -> int:
+    doc: dict[str, Any] = {"operation": operation, "payload": payload}
+    if uploads:
+        doc["uploads"] = {kind: url for kind, (url, _) in uploads.items()}
+    term.result(json.dumps(doc, indent=1))
     return 0
 
 
@@ -451,39 +566,16 @@ def _duration(text: str | None) -> float | None:
 
 
 def cmd_emr_create(args: argparse.Namespace) -> int:
-    from fruitdask.aws import aws_config, emr, parse_tags
+    from fruitdask.aws import emr
 
-    def conf(value: Any, key: str) -> Any:
-        return aws_config(f"emr.{key}", value)
-
-    positive("--core-count", args.core_count)
-    idle = _duration(conf(args.idle_timeout, "idle-timeout"))
     try:
-        s = emr.EmrSettings(
-            bootstrap_uri=args.bootstrap_uri,
-            package=args.package,
-            log_uri=args.log_uri,
-            name=args.name,
-            release=conf(args.release, "release"),
-            primary_instance_type=conf(args.primary_instance_type, "primary-instance-type"),
-            core_instance_type=conf(args.core_instance_type, "core-instance-type"),
-            core_count=int(conf(args.core_count, "core-count")),
-            core_spot=args.core_spot,
-            idle_timeout_s=int(idle or 3600),
-            service_role=conf(args.service_role, "service-role"),
-            instance_profile=conf(args.instance_profile, "instance-profile"),
-            subnet_id=args.subnet_id,
-            key_name=args.key_name,
-            constraints=args.constraints,
-            prefix=conf(None, "prefix"),
-            scheduler_port=int(conf(None, "scheduler-port")),
-            dashboard_port=int(conf(None, "dashboard-port")),
-            tags=parse_tags(args.tag, aws_config("tags")),
-        )
+        s, uploads = _emr_settings(args, args.staging, keep_alive=True)
         payload = emr.create_payload(s)
         if args.dry_run:
-            return _dry("RunJobFlow", payload)
-        cluster_id = emr.create_cluster(emr.emr_client(args.region), payload)
+            return _dry("RunJobFlow", payload, uploads)
+        client = emr.emr_client(args.region)
+        _upload(uploads, args)
+        cluster_id = emr.create_cluster(client, payload)
     except _aws_errors() as exc:
         raise InputError(str(exc)) from None
     term.result(cluster_id)
@@ -491,6 +583,121 @@ def cmd_emr_create(args: argparse.Namespace) -> int:
         f"created {cluster_id}; submit with: python -m fruitdask emr submit {cluster_id} "
         "--input s3://... --output s3://..."
     )
+    return 0
+
+
+def cmd_emr_run(args: argparse.Namespace) -> int:
+    import contextlib
+    import threading
+    import time
+
+    from fruitdask.aws import aws_config, emr
+    from fruitdask.aws.ec2 import default_staging
+    from fruitdask.aws.plan import estimate_usage
+    from fruitdask.aws.plan import format_duration as duration
+    from fruitdask.cli._common import Supervisor
+    from fruitdask.errors import JobError
+
+    timeout = _duration(args.timeout)
+    try:
+        job_args = shlex.split(args.job_args)
+    except ValueError as exc:
+        raise InputError(f"--job-args: {exc}") from None
+    try:
+        staging = args.staging or default_staging(args.output)
+        s, uploads = _emr_settings(args, staging, keep_alive=False)
+        if args.engine == "dask":
+            step = emr.dask_step(
+                args.input, args.output, job_args, prefix=s.prefix,
+                scheduler_port=s.scheduler_port, workers=s.core_count,
+                action_on_failure="TERMINATE_CLUSTER",
+            )  # fmt: skip
+        else:
+            step = emr.spark_step(args.input, args.output, job_args, prefix=s.prefix,
+                                  action_on_failure="TERMINATE_CLUSTER")  # fmt: skip
+        payload = emr.create_payload(s, [step])
+        if args.dry_run:
+            return _dry("RunJobFlow", payload, uploads)
+        client = emr.emr_client(args.region)
+        region = client.meta.region_name
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    t0 = time.monotonic()
+
+    def body(stop):
+        _upload(uploads, args)
+        cluster_id = emr.create_cluster(client, payload)
+        term.say(
+            f"created {cluster_id}: 1 x {s.primary_instance_type} + {s.core_count} x "
+            f"{s.core_instance_type}, {s.release}; it terminates after its step"
+        )
+        wake = threading.Event()
+        unregister = stop.on_stop(wake.set)
+        try:
+            return emr.watch(
+                client,
+                cluster_id,
+                poll_s=float(aws_config("emr.poll-interval")),
+                timeout_s=timeout,
+                on_event=term.say,
+                check=stop.check,
+                key_name=s.key_name,
+                dashboard_port=s.dashboard_port,
+                sleep=wake.wait,
+            )
+        except BaseException:
+            # stopped, timed out or lost track: the cluster must not outlive this command
+            with stop.holding(f"terminating the EMR cluster {cluster_id}"):
+                with contextlib.suppress(Exception):
+                    emr.terminate(client, cluster_id)
+            term.say(f"terminating {cluster_id}")
+            raise
+        finally:
+            unregister()
+
+    try:
+        outcome = Supervisor().run(body)
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    wall = time.monotonic() - t0
+    lifetime = wall
+    if outcome.created is not None and outcome.ended is not None:
+        with contextlib.suppress(TypeError, AttributeError):
+            lifetime = (outcome.ended - outcome.created).total_seconds()
+    usage = estimate_usage(
+        "emr", region, _counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
+        seconds=lifetime, ebs_gb_each=float((aws_config("plan.ebs-gb") or {}).get("emr", 0)),
+    )  # fmt: skip
+    if not outcome.ok:
+        failed = next((k for k, v in outcome.steps.items() if v != "COMPLETED"), None)
+        raise JobError(
+            f"{outcome.cluster_id} {outcome.state}"
+            + (f": step {failed} {outcome.steps[failed]}" if failed else ": its step never ran")
+            + (
+                f": {outcome.failure or outcome.reason}"
+                if outcome.failure or outcome.reason
+                else ""
+            )
+            + (f" (log: {outcome.log_file})" if outcome.log_file else f" (logs: {s.log_uri})")
+        )
+    cost = usage["estimated_usd"]
+    if args.json:
+        term.result(json.dumps({
+            "output": args.output, "cluster_id": outcome.cluster_id, "state": outcome.state,
+            "steps": outcome.steps, "wall_s": round(wall, 1), "usage": usage,
+            "logs": s.log_uri,
+        }))  # fmt: skip
+    else:
+        term.result(
+            f"output: {args.output}\n"
+            f"wall time: {duration(wall)} (upload, cluster start, job, termination)\n"
+            f"cluster: {outcome.cluster_id} {outcome.state}, {usage['instance_hours']:.2f} "
+            "instance-hours\n"
+            + (f"estimated cost: ${cost:.2f} ({usage['prices']}, EC2 + EMR + EBS + IPv4)\n"
+               if cost is not None else "estimated cost: unknown (instance type not in the "
+               "price table)\n")
+            + f"logs: {s.log_uri}"
+        )  # fmt: skip
     return 0
 
 
