@@ -483,6 +483,45 @@ def test_teardown_sweeps_by_tag(ec2, ami):
     assert _groups(ec2, "sweep-1") == []
 
 
+def test_teardown_holds_a_second_signal(ec2, ami):
+    """Outside the CLI (library use, main thread): a Ctrl-C during the teardown
+    is held until every instance is terminated and the group deleted, then
+    raised."""
+    import signal
+
+    from distributed.core import Status
+
+    from fruitdask.aws.ec2 import create_security_group, teardown
+
+    tags = {"fruitdask-run": "sweep-2", "created-by": "fruitdask"}
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    group = create_security_group(ec2, vpc=vpc, run_id="sweep-2", tags=tags,
+                                  cidrs=(CALLER,), scheduler_port=8786, dashboard_port=8787)  # fmt: skip
+    ec2.run_instances(
+        ImageId=ami, InstanceType="c6i.xlarge", MinCount=2, MaxCount=2, SecurityGroupIds=[group],
+        TagSpecifications=[{"ResourceType": "instance",
+                            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )  # fmt: skip
+
+    class Interrupted:
+        """A cluster whose close is interrupted by Ctrl-C (the first teardown step)."""
+
+        status = Status.running
+        _loop_runner = object()
+
+        def close(self, timeout=None):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        teardown(ec2, "sweep-2", group, clusters=[Interrupted()], timeout=30, say=said.append)
+    assert said == ["fruitdask: terminating the EC2 instances first; this signal is held"]
+    states = {i["State"]["Name"] for i in _instances(ec2, "fruitdask-run", "sweep-2")}
+    assert states == {"terminated"}
+    assert _groups(ec2, "sweep-2") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_group_deletion_waits_for_network_interfaces():
     """Just-terminated instances hold the group (DependencyViolation) for a while."""
     import boto3
