@@ -286,3 +286,26 @@ def test_defaults_come_from_dask_config(capsys):
         assert main(["plan", "--images", "1000", "--json", "--instance-type", "c5.xlarge"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["service"] == "emr" and got["images_per_s_per_core"] == 100
+
+
+def test_small_run_warning_is_about_size_and_fixed_costs(tmp_path):
+    from fruitdask.aws.plan import throughput_from_manifest
+
+    def manifest(images: int, **timings: float) -> str:
+        path = tmp_path / f"m-{images}-{len(timings)}-{sum(timings.values())}.json"
+        path.write_text(json.dumps({
+            "engine": "dask", "counts": {"images": images}, "cluster": {"threads": 2},
+            "timings": timings, "throughput": {"images_per_s_per_core": 900.0},
+        }))  # fmt: skip
+        return str(path)
+
+    big = {"startup": 4.0, "listing": 0.3, "extract": 10.0, "pca_fit": 0.8,
+           "transform_write": 1.0}  # fmt: skip
+    assert throughput_from_manifest(manifest(20_000, **big))[2] is None
+    # many images, but mostly fixed costs (a slow listing, say): still warned
+    slow = {**big, "listing": 9.0}
+    warning = throughput_from_manifest(manifest(20_000, **slow))[2]
+    assert warning and "listing 9.00s" in warning and "pca fit 0.80s" in warning
+    # few images: warned whatever the timings
+    warning = throughput_from_manifest(manifest(96, **big))[2]
+    assert warning and "96 images" in warning and "cluster start-up 4.00s" in warning

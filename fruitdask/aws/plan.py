@@ -219,6 +219,9 @@ def estimate_usage(
 #: share of its work time measured mostly those: its per-core rate says little
 #: about a large run (a 96-image run gave a rate ~6.5x below a 20,000-image one).
 FIXED_SHARE_WARNING = 0.25
+#: Below this many images a run's rate is not extrapolated without a warning,
+#: whatever its timings say (they are a few seconds, and noisy).
+SMALL_RUN_IMAGES = 10_000
 _FIXED_STAGES = ("listing", "pca_fit", "publish")
 
 
@@ -257,19 +260,20 @@ def throughput_from_manifest(url: str) -> tuple[float, str, str | None]:
 
 def _small_run_warning(m: dict[str, Any]) -> str | None:
     timings = {k: float(v) for k, v in (m.get("timings") or {}).items() if v is not None}
+    images = int((m.get("counts") or {}).get("images") or 0)
     work = sum(v for k, v in timings.items() if k != "startup")
     fixed = {k: timings[k] for k in _FIXED_STAGES if k in timings}
-    if not work or sum(fixed.values()) <= FIXED_SHARE_WARNING * work:
+    share = sum(fixed.values()) / work if work else 1.0
+    if images >= SMALL_RUN_IMAGES and share <= FIXED_SHARE_WARNING:
         return None
     seen = ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in fixed.items())
     if "startup" in timings:
         seen += f"; cluster start-up {timings['startup']:.2f}s (not in the rate)"
-    share = sum(fixed.values()) / work
     return (
-        f"warning: the manifest's run is too small to extrapolate from: {share:.0%} of its "
-        f"{work:.2f}s of work were fixed costs ({seen}), so its per-core rate is "
-        "pessimistic for a large run; plan from a run of 20,000 images or more, or "
-        "without --manifest (the measured default)"
+        f"warning: the manifest's run is too small to extrapolate from: {images:,} images, "
+        f"{share:.0%} of its {work:.2f}s of work were fixed costs ({seen}), so its "
+        "per-core rate is pessimistic for a large run; plan from a run of "
+        f"{SMALL_RUN_IMAGES:,} images or more, or without --manifest (the measured default)"
     )
 
 
