@@ -35,6 +35,9 @@ class StopToken:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self._fired = False
+        self._holds: list[str] = []
+        #: How many times a stop was asked for (a second Ctrl-C is counted, not obeyed).
+        self.requests = 0
 
     # -- asking
     def request(self, signum: int | None = None) -> None:
@@ -42,6 +45,7 @@ class StopToken:
         if not self._requested:
             self.signum = signum
         self._requested = True
+        self.requests += 1
 
     def fail(self, error: FruitdaskError) -> None:
         """Ask the run to stop with ``error`` (e.g. the output's lock was lost)."""
@@ -83,6 +87,22 @@ class StopToken:
         with self._lock:
             self.check()
             yield
+
+    @contextlib.contextmanager
+    def holding(self, note: str) -> Iterator[None]:
+        """A clean-up that must run to its end even after a stop (terminating
+        cloud instances): whoever supervises the run waits for it beyond any
+        grace period, whatever signals follow. ``note`` says what is going on."""
+        self._holds.append(note)
+        try:
+            yield
+        finally:
+            self._holds.remove(note)
+
+    @property
+    def held(self) -> str | None:
+        """The note of the clean-up that must finish first, if one is running."""
+        return self._holds[-1] if self._holds else None
 
     # -- the supervisor's side
     def fire(self) -> None:

@@ -7,6 +7,7 @@ anything starts, so a bad one is one line, not a traceback from distributed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -14,27 +15,40 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from fruitdask.cancel import StopToken
 from fruitdask.config import ClusterSpec
-from fruitdask.errors import ClusterError, InputError
+from fruitdask.errors import ClusterError, InputError, one_line
 
 __all__ = [
     "MIN_WORKER_MEMORY",
+    "STRICT_PACKAGES",
+    "WAIT_FOR_WORKERS_S",
     "check_address",
     "check_local",
     "check_memory_limit",
+    "check_remote_paths",
     "check_scheduler",
+    "check_versions",
     "connect",
     "dashboard_link",
     "exposure",
     "gather_as_completed",
+    "is_remote",
     "local_layout",
     "n_threads",
+    "package_files",
+    "package_fingerprint",
+    "usage",
     "warm_up",
 ]
+
+
+#: With ``--workers N`` and a scheduler address, how long to wait for N workers.
+WAIT_FOR_WORKERS_S = 600.0
 
 
 def dashboard_link(client) -> str | None:
@@ -234,6 +248,15 @@ def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {spec.kind}: {exc}") from None
         try:
+            if spec.workers:  # a scheduler whose workers are still starting (EMR)
+                try:
+                    client.wait_for_workers(spec.workers, timeout=WAIT_FOR_WORKERS_S)
+                except TimeoutError:
+                    raise ClusterError(
+                        f"{spec.kind}: fewer than {spec.workers} workers after "
+                        f"{WAIT_FOR_WORKERS_S:.0f}s"
+                    ) from None
+            check_versions(client)
             yield client, time.perf_counter() - t0
         finally:
             client.close()
@@ -316,3 +339,178 @@ def gather_as_completed(
     finally:
         unregister()
     return results
+
+
+# ---------------------------------------------------------------- remote clusters
+def _this_machine() -> set[str]:
+    import psutil
+
+    found = {"127.0.0.1", "::1"}
+    for addresses in psutil.net_if_addrs().values():
+        found.update(a.address.split("%")[0] for a in addresses if a.family in
+                     (socket.AF_INET, socket.AF_INET6))  # fmt: skip
+    return found
+
+
+def is_remote(kind: str) -> bool:
+    """True when the workers of ``--cluster kind`` may run on another machine:
+    ``ec2``, or a scheduler address that does not resolve to this one."""
+    if kind == "local":
+        return False
+    if "://" not in kind:
+        return True
+    host = urlsplit(kind).hostname
+    if not host:
+        return True
+    try:
+        resolved = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return True
+    mine = _this_machine()
+    return not all(ipaddress.ip_address(a).is_loopback or a in mine for a in resolved)
+
+
+def check_remote_paths(kind: str, paths: Mapping[str, str | None]) -> None:
+    """Refuse, before anything is created, a path on this machine for a cluster
+    whose workers run elsewhere: they would read nothing, or write where no one
+    looks while this machine writes the manifest and ``_SUCCESS``.
+
+    ``paths`` maps a flag (``--input``) to its value; None means "not given",
+    which is refused too: a remote run has no default input or output.
+    """
+    if not is_remote(kind):
+        return
+    given = {k: v for k, v in paths.items() if v}
+    for flag, value in paths.items():
+        if not value:
+            hint = ""
+            source = next((v for k, v in given.items() if "://" in v), None)
+            if flag in ("--output", "--dst") and source:
+                hint = f", e.g. {source.rstrip('/')}-features"
+            raise InputError(
+                f"{flag} is required with --cluster {kind}: a URL its workers can reach "
+                f"(s3://...); a remote run has no default{hint}"
+            )
+        if "://" not in value or value.startswith(("file://", "local://")):
+            raise InputError(
+                f"{flag} {value}: a path on this machine, but the workers of --cluster "
+                f"{kind} run elsewhere and cannot read or write it; give a URL they can "
+                "reach (s3://...)"
+            )
+
+
+# ---------------------------------------------------------------- versions
+#: Compared exactly between this machine and every scheduler and worker: what
+#: pickles functions and data between them (Python's minor version is compared,
+#: and fruitdask's own files, by :func:`package_fingerprint`).
+STRICT_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack")
+
+
+def package_files() -> list[tuple[str, str]]:
+    """``(path inside a wheel, file on disk)`` of the fruitdask and spark_parity
+    packages as imported here (sources and package data, no caches)."""
+    import importlib
+
+    out = []
+    for name in ("fruitdask", "spark_parity"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        root = os.path.dirname(os.path.abspath(module.__file__ or ""))
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+            for f in sorted(files):
+                if f.endswith((".pyc", ".pyo")) or f.startswith("."):
+                    continue
+                path = os.path.join(folder, f)
+                rel = os.path.relpath(path, os.path.dirname(root)).replace(os.sep, "/")
+                out.append((rel, path))
+    return sorted(out)
+
+
+def package_fingerprint() -> str:
+    """A short hash of fruitdask's files as imported in this process: two
+    processes with the same one run the same code."""
+    h = hashlib.sha256()
+    for rel, path in package_files():
+        with open(path, "rb") as fh:
+            data = fh.read()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:12]
+
+
+def _minor(python: str | None) -> str | None:
+    return ".".join(str(python).split(".")[:2]) if python else None
+
+
+def check_versions(client) -> None:
+    """Compare this machine with the cluster: Python's minor version,
+    :data:`STRICT_PACKAGES` and fruitdask's files must be the same everywhere.
+
+    Raises
+    ------
+    ClusterError
+        One line naming what differs and where.
+    """
+    versions = client.get_versions()
+    mine = versions["client"]["packages"]
+    where: dict[str, dict[str, Any]] = {"the scheduler": versions["scheduler"]["packages"]}
+    for addr, info in (versions.get("workers") or {}).items():
+        where[f"worker {addr}"] = (info or {}).get("packages") or {}
+    problems = []
+    for name in ("python", *STRICT_PACKAGES):
+        want = _minor(mine.get(name)) if name == "python" else mine.get(name)
+        off: dict[str, list[str]] = {}
+        for who, pkgs in where.items():
+            got = _minor(pkgs.get(name)) if name == "python" else pkgs.get(name)
+            if got != want:
+                off.setdefault(str(got), []).append(who)
+        for got, whom in off.items():
+            problems.append(f"{name} {want} here, {got} on {_whom(whom)}")
+    if not problems:
+        try:
+            prints = client.run(package_fingerprint)
+        except Exception as exc:  # noqa: BLE001 - the workers cannot import fruitdask
+            raise ClusterError(
+                f"fruitdask is not importable on the cluster's workers ({one_line(exc)}): "
+                "install the same fruitdask there"
+            ) from None
+        want = package_fingerprint()
+        off_fp = sorted(a for a, fp in prints.items() if fp != want)
+        if off_fp:
+            problems.append(
+                f"fruitdask's files differ from this machine's (fingerprint {want}) on "
+                f"{_whom([f'worker {a}' for a in off_fp])}"
+            )
+    if problems:
+        raise ClusterError(
+            "this machine and the cluster run different versions: "
+            + "; ".join(problems)
+            + " (they exchange pickled code and data: use the same versions on both)"
+        )
+
+
+def _whom(names: list[str]) -> str:
+    workers = [n for n in names if n.startswith("worker ")]
+    others = [n for n in names if not n.startswith("worker ")]
+    if len(workers) > 1:
+        others.append(f"{len(workers)} workers")
+    else:
+        others += workers
+    return " and ".join(others)
+
+
+def usage(client) -> dict[str, Any] | None:
+    """What the cluster behind ``client`` has cost so far, when it can tell (an
+    EC2 cluster of :mod:`fruitdask.aws.ec2`: instance-hours and the estimated
+    price); None for a local cluster or a bare scheduler address."""
+    report = getattr(getattr(client, "cluster", None), "fruitdask_usage", None)
+    if report is None:
+        return None
+    try:
+        return report()
+    except Exception:  # an estimate must never fail a run
+        logging.getLogger(__name__).warning("cluster usage not recorded", exc_info=True)
+        return None

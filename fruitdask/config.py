@@ -298,7 +298,12 @@ class ClusterSpec:
     kind: str = setting("local", "local, ec2, or the address of a running scheduler "
                         "(tcp://host:8786)", "kind", flag="--cluster")  # fmt: skip
     workers: int | None = setting(
-        None, "worker processes (default: fill the cores)", minimum=1, maximum=1024, kind=int
+        None,
+        "worker processes (default: fill the cores); with a scheduler address, wait "
+        "for this many workers",
+        minimum=1,
+        maximum=1024,
+        kind=int,
     )
     threads_per_worker: int | None = setting(
         None, "threads per worker (default: 2 when the cores are even)", minimum=1, maximum=256,

@@ -32,7 +32,7 @@ import pandas as pd
 
 from fruitdask import features, io, source, tables
 from fruitdask.cancel import StopToken
-from fruitdask.cluster import gather_as_completed, n_threads
+from fruitdask.cluster import gather_as_completed, n_threads, usage
 from fruitdask.config import RunConfig
 from fruitdask.errors import FruitdaskError, InputError, retrying
 from fruitdask.output import (
@@ -518,13 +518,17 @@ def manifest_of(job: Job, s: RunSummary, client) -> dict[str, Any]:
     cfg = job.cfg
     work = sum(v for k, v in s.timings.items() if k != "startup")
     threads = n_threads(client)
+    cluster: dict[str, Any] = {"workers": len(client.nthreads()), "threads": threads}
+    used = usage(client)  # a cloud cluster's instance-hours and estimated cost
+    if used:
+        cluster["usage"] = used
     unlisted = job.listing.attrs.get("unlisted") or []
     return {
         "engine": "dask",
         "input": cfg.input,
         "config": cfg.public_dict(),
         "storage_options": recordable_options(cfg.storage_options),
-        "cluster": {"workers": len(client.nthreads()), "threads": threads},
+        "cluster": cluster,
         "counts": {
             "images": s.images,
             "ok": s.images_ok,

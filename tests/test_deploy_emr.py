@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -101,15 +100,26 @@ def nodes(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_bootstrap_starts_dask_and_the_job_runs(nodes, tmp_path, sample_dir):
+@pytest.mark.s3
+def test_bootstrap_starts_dask_and_the_job_runs(nodes, tmp_path, sample_dir, s3):
+    """Three fake nodes bootstrap at once; the job runs on the Dask they start;
+    the daemons' logs reach the cluster's log URI (SeaweedFS standing in for S3,
+    the environment for the nodes' instance profile)."""
     from distributed import Client
 
     from fruitdask import features, io, pipeline
     from fruitdask.config import RunConfig
-    from fruitdask.testing import free_port
+    from fruitdask.testing import S3_KEY, S3_SECRET, free_port
 
+    bucket = s3.make_bucket()
+    node_env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_ENDPOINT_URL_S3": s3.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     sp, dp = free_port(), free_port()
     common = [
+        "--log-uri",
+        f"{bucket}/emr-logs/",
+        "--log-interval",
+        "1",
         "--skip-install",
         "--python",
         sys.executable,
@@ -127,14 +137,21 @@ def test_bootstrap_starts_dask_and_the_job_runs(nodes, tmp_path, sample_dir):
     cores = [_node(tmp_path, f"core{i}", False, "127.0.0.1") for i in range(2)]
     nodes += [primary, *cores]
     # EMR bootstraps every node at once; the workers retry until the scheduler is up.
-    t = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         runs = {
-            n.name: pool.submit(_bootstrap, n, *common, "--local-dir", str(n / "dask"))
+            n.name: pool.submit(
+                _bootstrap,
+                n,
+                *common,
+                "--local-dir",
+                str(n / "dask"),
+                "--node-name",
+                n.name,
+                env=node_env,
+            )  # fmt: skip
             for n in (primary, *cores)
         }
         results = {name: f.result() for name, f in runs.items()}
-    assert time.perf_counter() - t < 30, "a bootstrap action must return quickly"
     for r in results.values():
         assert r.returncode == 0, r.stderr
     logs = {name: r.stderr for name, r in results.items()}
@@ -172,14 +189,22 @@ def test_bootstrap_starts_dask_and_the_job_runs(nodes, tmp_path, sample_dir):
     assert got == ref and summary.descriptors == sum(ref.values())
     assert manifest["cluster"] == {"workers": 2, "threads": 2}
 
-    # --stop ends what it started; nothing is left behind
+    # --stop ends what it started (the daemons and the log copier), copies the
+    # logs one last time; nothing is left behind
     pids = _pids(nodes)
-    assert len(pids) == 3 and all(_alive(p) for p in pids)
+    assert len(pids) == 6 and all(_alive(p) for p in pids)
     for node in (*cores, primary):
-        r = _bootstrap(node, "--no-systemd", "--stop")
+        r = _bootstrap(node, "--no-systemd", "--stop", env=node_env)
         assert r.returncode == 0, r.stderr
     assert not any(_alive(p) for p in pids)
     assert _pids(nodes) == []
+    fs, root = s3.fs(), f"{bucket.removeprefix('s3://')}/emr-logs/j-FAKE123/fruitdask"
+    assert sorted(fs.find(root)) == sorted(
+        [f"{root}/primary/scheduler.log", *(f"{root}/{c.name}/worker.log" for c in cores)]
+    )
+    assert b"Scheduler at:" in fs.cat(f"{root}/primary/scheduler.log")
+    for c in cores:
+        assert b"Start worker at:" in fs.cat(f"{root}/{c.name}/worker.log")
 
 
 def test_bootstrap_systemd_units(tmp_path):
@@ -202,11 +227,24 @@ def test_bootstrap_systemd_units(tmp_path):
             str(units),
             "--local-dir",
             str(node / "dask"),
+            "--log-dir",
+            str(node / "log"),
+            "--log-uri",
+            "s3://logs-bucket/emr/",
             env=env,
         )
         assert r.returncode == 0, r.stderr
         role = "scheduler" if is_primary else "worker"
         unit = (units / f"fruitdask-dask-{role}.service").read_text()
+        assert f"StandardOutput=append:{node}/log/{role}.log" in unit
+        # the log copier: every minute, and once more when it stops
+        ship = (units / "fruitdask-logs.service").read_text()
+        script = node / "opt" / "run" / "ship-logs.sh"
+        assert f"ExecStart=/bin/bash {script} loop" in ship
+        assert f"ExecStopPost=/bin/bash {script}\n" in ship
+        dest = f"s3://logs-bucket/emr/j-FAKE123/fruitdask/{os.uname().nodename}"
+        text = script.read_text()
+        assert f"LOG_DEST={dest}" in text and "INTERVAL=60" in text and "ship_logs" in text
         [exec_start] = [x for x in unit.splitlines() if x.startswith("ExecStart=")]
         if is_primary:
             assert f"{sys.executable} -m distributed.cli.dask_scheduler --port 8786" in exec_start
@@ -218,9 +256,9 @@ def test_bootstrap_systemd_units(tmp_path):
         assert "WantedBy=multi-user.target" in unit
     assert calls.read_text().splitlines() == [
         "daemon-reload",
-        "enable --now --no-block fruitdask-dask-scheduler.service",
+        "enable --now --no-block fruitdask-dask-scheduler.service fruitdask-logs.service",
         "daemon-reload",
-        "enable --now --no-block fruitdask-dask-worker.service",
+        "enable --now --no-block fruitdask-dask-worker.service fruitdask-logs.service",
     ]
 
 
@@ -553,3 +591,170 @@ def test_cli_submit_wait_exit_codes(monkeypatch, capsys):
     with stub, dask.config.set({"fruitdask.aws.emr.poll-interval": 0}):
         assert main(argv) == 0
     assert capsys.readouterr().out == "s-2\tfruitdask: Dask job\n"
+
+
+# ---------------------------------------------------------------- one shot
+def test_release_is_validated(capsys):
+    from fruitdask.aws import AwsError
+    from fruitdask.aws.emr import check_release
+    from fruitdask.cli import main
+
+    check_release("emr-7.9.0")
+    check_release("emr-7.0.0")
+    for bad, message in (("emr-6.15.0", "Amazon Linux 2"), ("emr-5.36.2", "Amazon Linux 2"),
+                         ("7.9.0", "not an EMR release label")):  # fmt: skip
+        with pytest.raises(AwsError, match=message):
+            check_release(bad)
+    argv = ["emr", "run", "-i", "s3://b/in", "-o", "s3://b/out", "--release", "emr-6.15.0"]
+    assert main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fruitdask: error: --release emr-6.15.0: EMR 6.x runs Amazon Linux 2")
+    assert "use emr-7.x" in err and err.count("\n") == 1
+
+
+def test_one_shot_dry_run_stages_and_terminates_by_itself(capsys, monkeypatch):
+    import botocore.client
+
+    from fruitdask.aws import emr
+    from fruitdask.aws.stage import wheel_name
+    from fruitdask.cli import main
+
+    calls = []
+    monkeypatch.setattr(
+        botocore.client.BaseClient, "_make_api_call", lambda self, op, kw: calls.append(op)
+    )
+    assert main(["emr", "run", "-i", "s3://b/in", "-o", "s3://out/features", "--dry-run"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert calls == []
+    staging = "s3://out/fruitdask-staging"
+    assert doc["uploads"]["package"] == f"{staging}/wheels/{wheel_name()}"
+    assert doc["uploads"]["bootstrap"].startswith(f"{staging}/emr/bootstrap-")
+    assert doc["uploads"]["constraints"].startswith(f"{staging}/emr/constraints-")
+    p = doc["payload"]
+    assert p["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False
+    assert p["LogUri"] == f"{staging}/logs/"
+    [ba] = p["BootstrapActions"]
+    assert ba["ScriptBootstrapAction"]["Path"] == doc["uploads"]["bootstrap"]
+    args = ba["ScriptBootstrapAction"]["Args"]
+    assert args[args.index("--package") + 1] == doc["uploads"]["package"]
+    assert args[args.index("--log-uri") + 1] == f"{staging}/logs/"
+    [step] = p["Steps"]
+    assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
+    assert step == emr.dask_step("s3://b/in", "s3://out/features", workers=2,
+                                 action_on_failure="TERMINATE_CLUSTER")  # fmt: skip
+    assert main(["emr", "run", "-i", "s3://b/in", "-o", "s3://b/o", "--engine", "spark",
+                 "--dry-run"]) == 0  # fmt: skip
+    [step] = json.loads(capsys.readouterr().out)["payload"]["Steps"]
+    assert step["HadoopJarStep"]["Args"][0] == "spark-submit"
+
+
+def _moto_cluster(name: str, timeout: float = 120.0):
+    """The moto cluster named ``name`` once the CLI has created it."""
+    import threading
+
+    import boto3
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.emr.models import emr_backends
+
+    client = boto3.client("emr")
+    tick = threading.Event()
+    for _ in range(int(timeout / 0.1)):
+        found = [c for c in client.list_clusters()["Clusters"] if c["Name"] == name]
+        if found:
+            backend = emr_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+            return found[0]["Id"], backend.clusters[found[0]["Id"]]
+        tick.wait(0.1)
+    raise AssertionError(f"no cluster {name} was created")
+
+
+def _cli_env(endpoint: str) -> dict:
+    from fruitdask.aws.testing import aws_env
+
+    return {**aws_env(endpoint), "DASK_FRUITDASK__AWS__EMR__POLL_INTERVAL": "0.2"}
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(300)
+def test_one_shot_through_moto(aws, cli, s3):
+    """``emr run``: the files staged on S3, the cluster created with its step and
+    auto-termination, followed to the end, then the output, wall time and cost."""
+    import uuid
+
+    import boto3
+
+    from fruitdask.aws.stage import wheel_name
+
+    bucket = s3.make_bucket()
+    name = f"fruitdask-{uuid.uuid4().hex[:8]}"
+    store = ["--endpoint-url", s3.endpoint_url, "--storage-option", f"key={s3.storage_options['key']}",
+             "--storage-option", f"secret={s3.storage_options['secret']}"]  # fmt: skip
+    proc = cli.start("emr", "run", "-i", f"{bucket}/in", "-o", f"{bucket}/out", "--name", name,
+                     "--key-name", "my-key", "--json", *store, **_cli_env(aws))  # fmt: skip
+    try:
+        cluster_id, fake = _moto_cluster(name)
+        client = boto3.client("emr")
+        c = client.describe_cluster(ClusterId=cluster_id)["Cluster"]
+        assert c["AutoTerminate"] is True  # KeepJobFlowAliveWhenNoSteps=False
+        staging = f"{bucket}/fruitdask-staging"
+        assert c["LogUri"] == f"{staging}/logs/"
+        [ba] = client.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
+        fs = s3.fs()
+        script = fs.cat(ba["ScriptPath"])
+        assert script == (REPO / "fruitdask" / "aws" / "emr_bootstrap.sh").read_bytes()
+        wheel = ba["Args"][ba["Args"].index("--package") + 1]
+        assert wheel == f"{staging}/wheels/{wheel_name()}" and fs.exists(wheel)
+        pins = fs.cat(ba["Args"][ba["Args"].index("--constraints") + 1]).decode()
+        assert "\ndask==" in pins and "distributed==" in pins
+        [step] = client.list_steps(ClusterId=cluster_id)["Steps"]
+        assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
+        args = step["Config"]["Args"]
+        assert args[args.index("--input") + 1] == f"{bucket}/in"
+        assert args[args.index("--cluster") + 1] == "tcp://127.0.0.1:8786"
+        assert args[args.index("--workers") + 1] == "2"
+        # EMR runs the step and ends the cluster (moto never does: played here)
+        fake.steps[0].state = "COMPLETED"
+        fake.terminate()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    got = json.loads(out)
+    assert got["output"] == f"{bucket}/out" and got["cluster_id"] == cluster_id
+    assert got["state"] == "TERMINATED" and list(got["steps"].values()) == ["COMPLETED"]
+    assert got["wall_s"] > 0 and got["usage"]["instances"] == {"m5.xlarge": 3}
+    assert got["usage"]["estimated_usd"] > 0 and got["usage"]["service"] == "emr"
+    states = [x.split(": ")[-1] for x in err.splitlines() if x.startswith(f"cluster {cluster_id}:")]
+    assert states[-1] == "TERMINATED" and len(states) >= 2, err  # WAITING in moto, then the end
+    assert "(fruitdask: Dask job): RUNNING" in err and "(fruitdask: Dask job): COMPLETED" in err
+    assert "ssh -i my-key.pem -N -L 8787:localhost:8787 hadoop@" in err
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(300)
+def test_one_shot_stopped_terminates_the_cluster(aws, cli, s3):
+    """Ctrl-C while the job runs: the cluster is terminated, exit 130."""
+    import signal
+    import uuid
+
+    import boto3
+
+    bucket = s3.make_bucket()
+    name = f"fruitdask-{uuid.uuid4().hex[:8]}"
+    store = ["--endpoint-url", s3.endpoint_url, "--storage-option", f"key={s3.storage_options['key']}",
+             "--storage-option", f"secret={s3.storage_options['secret']}"]  # fmt: skip
+    proc = cli.start("emr", "run", "-i", f"{bucket}/in", "-o", f"{bucket}/out", "--name", name,
+                     *store, **_cli_env(aws))  # fmt: skip
+    try:
+        cluster_id, _ = _moto_cluster(name)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert f"terminating {cluster_id}" in err and "stopped by SIGINT" in err
+    state = boto3.client("emr").describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]
+    assert state["State"] in ("TERMINATING", "TERMINATED")

@@ -21,18 +21,42 @@ def _table():
 
 
 def test_shipped_price_table_is_dated_and_sane():
-    t = _table()
-    datetime.date.fromisoformat(t.as_of)
-    assert t.region == "us-east-1" and t.currency == "USD" and t.minimum_seconds == 60
-    for inst in t.instances.values():
-        assert inst.vcpu > 0 and inst.usd_per_hour > 0 and inst.memory_gib > 0
-    # Within a family the price is linear in size: a transcription typo shows here.
-    for family in ("c5", "c6i", "c7i", "m5", "m6i", "m7i"):
-        sizes = [i for n, i in t.instances.items() if n.startswith(family + ".")]
-        per_vcpu = {round(i.usd_per_hour / i.vcpu, 6) for i in sizes}
-        assert len(sizes) >= 3 and len(per_vcpu) == 1, (family, per_vcpu)
-    for name in ("m5.large", "c6i.xlarge"):  # the EC2 defaults in aws.yaml
-        assert name in t.instances
+    from fruitdask.aws.plan import load_prices
+
+    for region in ("us-east-1", "eu-west-1"):
+        t = load_prices(region=region)
+        assert t.region == region and set(t.regions) == {"us-east-1", "eu-west-1"}
+        datetime.date.fromisoformat(t.as_of)
+        assert t.currency == "USD" and t.minimum_seconds == 60
+        assert 0.05 < t.ebs_gb_month < 0.2 and t.ipv4_hour == 0.005
+        for inst in t.instances.values():
+            assert inst.vcpu > 0 and inst.usd_per_hour > 0 and inst.memory_gib > 0
+        # Within a family the price is linear in size: a transcription typo shows here.
+        for family in ("c5", "c6i", "c7i", "m5", "m6i", "m7i"):
+            sizes = [i for n, i in t.instances.items() if n.startswith(family + ".")]
+            per_vcpu = {round(i.usd_per_hour / i.vcpu, 6) for i in sizes}
+            assert len(sizes) >= 3 and len(per_vcpu) == 1, (region, family, per_vcpu)
+        for name in ("m5.large", "c6i.xlarge", "m5.xlarge"):  # the defaults in aws.yaml
+            assert name in t.instances
+    us, eu = load_prices(region="us-east-1"), load_prices(region="eu-west-1")
+    assert eu.get("c6i.xlarge").usd_per_hour > us.get("c6i.xlarge").usd_per_hour
+    # a region the table lacks: the default region's table, which says so
+    assert load_prices(region="ap-south-1").region == "us-east-1"
+
+
+def test_usage_estimate():
+    from fruitdask.aws.plan import estimate_usage, load_prices
+
+    t = load_prices(region="us-east-1")
+    u = estimate_usage("ec2", "us-east-1", {"m5.large": 1, "c6i.xlarge": 2}, seconds=1800,
+                       ebs_gb_each=40)  # fmt: skip
+    assert u["instance_hours"] == 1.5
+    extras = 3 * 0.5 * (40 * t.ebs_gb_month / 730 + t.ipv4_hour)
+    assert u["estimated_usd"] == pytest.approx(0.5 * (0.096 + 2 * 0.17) + extras, abs=1e-4)
+    assert u["prices"].startswith("us-east-1 on-demand as of ")
+    # an unknown type: hours, no price
+    u = estimate_usage("ec2", None, {"z9.mega": 1}, seconds=60, ebs_gb_each=40)
+    assert u["estimated_usd"] is None and u["instance_hours"] == pytest.approx(1 / 60, abs=1e-4)
 
 
 def test_parse_duration():
@@ -127,25 +151,82 @@ def manifest(dask_client, sample_dir, tmp_path):
 
 
 def test_cli_plans_from_a_real_manifest(manifest, capsys):
+    from fruitdask.aws.plan import defaults
     from fruitdask.cli import main
 
     measured = json.loads(manifest.read_text())["throughput"]["images_per_s_per_core"]
     assert measured > 0
+    startup = defaults("ec2")["startup_s"]
     argv = ["plan", "--images", "2000000", "--deadline", "15m", "--manifest", str(manifest)]
     assert main([*argv, "--instance-type", "c6i.2xlarge", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
     assert got["images_per_s_per_core"] == measured
     assert got["instance_type"] == "c6i.2xlarge" and got["head_instance_type"] == "m5.large"
     per_worker = measured * 0.8 * 8
-    assert got["workers"] == _brute_force(2_000_000, per_worker, 240, 900)
+    assert got["workers"] == _brute_force(2_000_000, per_worker, startup, 900)
     assert got["meets_deadline"] and got["prices_as_of"] == _table().as_of
     assert str(manifest) in got["throughput_source"]
+    # 96 images: fixed costs dominate, and the plan says so, naming them
+    [warning] = captured.err.strip().splitlines()
+    assert warning.startswith("warning: the manifest's run is too small to extrapolate")
+    assert "pca fit" in warning and "listing" in warning
 
     # the output folder works as well as the file; the text form lists alternatives
     assert main(["plan", "--images", "2000000", "--manifest", str(manifest.parent)]) == 0
     text = capsys.readouterr().out
     assert "alternatives (cheapest first):" in text and "<- chosen" in text
     assert f"{measured:,.0f} images/s per vCPU" in text
+
+
+def test_plan_names_its_measurements_and_the_wait(capsys):
+    """The default rate is the committed benchmark result, named; the wait is
+    broken down into start, install, work and teardown, each with its source
+    and what would cut it."""
+    from fruitdask.aws.plan import THROUGHPUT_JSON, default_throughput
+    from fruitdask.cli import main
+
+    doc = json.loads(open(THROUGHPUT_JSON).read())
+    rate, source, _ = default_throughput()
+    assert rate == doc["images_per_s_per_core"] > 0
+    assert "fruitdask/aws/throughput.json" in source and doc["command"] in source
+    for service in ("ec2", "emr"):
+        assert main(["plan", "--images", "1000000", "--service", service]) == 0
+        text = capsys.readouterr().out
+        assert "fruitdask/aws/throughput.json" in text
+        section = text.split(f"what you wait for on {service.upper()}:")[1]
+        for part in ("start", "install", "work", "teardown", "total"):
+            assert f"\n  {part} " in section, (part, section)
+        assert section.count("cut it: ") >= 3
+        assert (
+            "estimate, not measured" in section
+            and "measured here" in section
+            or (service == "emr" and "estimate" in section)
+        )
+    assert main(["plan", "--images", "1000000", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [w["name"] for w in got["waits"]] == ["start", "install", "work", "teardown"]
+    assert all(w["source"] for w in got["waits"])
+    assert got["total_s"] == pytest.approx(sum(w["seconds"] for w in got["waits"]), abs=0.5)
+
+
+def test_plan_regions(capsys, monkeypatch):
+    from fruitdask.cli import main
+
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    argv = ["plan", "--images", "1000000", "--workers", "4", "--instance-type", "c6i.xlarge"]
+    assert main([*argv, "--json"]) == 0
+    us = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--json", "--region", "eu-west-1"]) == 0
+    eu = json.loads(capsys.readouterr().out)
+    assert us["prices_region"] == "us-east-1" and eu["prices_region"] == "eu-west-1"
+    assert eu["usd_per_hour"] > us["usd_per_hour"]
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prices_region"] == "eu-west-1"
+    assert main([*argv, "--region", "ap-south-1"]) == 0
+    assert "has no prices for ap-south-1" in capsys.readouterr().out
 
 
 def test_cli_price_override_and_errors(tmp_path, capsys):
@@ -189,13 +270,14 @@ def test_cli_price_override_and_errors(tmp_path, capsys):
 def test_defaults_come_from_dask_config(capsys):
     import dask.config
 
-    from fruitdask.aws.plan import defaults
+    from fruitdask.aws.plan import default_throughput, defaults
     from fruitdask.cli import main
 
     d = defaults("ec2")
-    assert d["rate_per_core"] == 1450 and d["efficiency"] == 0.8
-    assert d["startup_s"] == 240 and d["head"] == "m5.large"
-    assert defaults("emr")["startup_s"] == 600 and defaults("emr")["head"] == "m5.xlarge"
+    assert d["rate_per_core"] == default_throughput()[0] and d["efficiency"] == 0.8
+    assert d["startup_s"] == 180 + 80 and d["teardown_s"] == 60 and d["head"] == "m5.large"
+    e = defaults("emr")
+    assert e["startup_s"] == 480 + 120 and e["head"] == "m5.xlarge" and e["ebs_gb"] == 79
     settings = {
         "fruitdask.aws.plan.images-per-s-per-core": 100,
         "fruitdask.aws.plan.service": "emr",
@@ -204,3 +286,26 @@ def test_defaults_come_from_dask_config(capsys):
         assert main(["plan", "--images", "1000", "--json", "--instance-type", "c5.xlarge"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["service"] == "emr" and got["images_per_s_per_core"] == 100
+
+
+def test_small_run_warning_is_about_size_and_fixed_costs(tmp_path):
+    from fruitdask.aws.plan import throughput_from_manifest
+
+    def manifest(images: int, **timings: float) -> str:
+        path = tmp_path / f"m-{images}-{len(timings)}-{sum(timings.values())}.json"
+        path.write_text(json.dumps({
+            "engine": "dask", "counts": {"images": images}, "cluster": {"threads": 2},
+            "timings": timings, "throughput": {"images_per_s_per_core": 900.0},
+        }))  # fmt: skip
+        return str(path)
+
+    big = {"startup": 4.0, "listing": 0.3, "extract": 10.0, "pca_fit": 0.8,
+           "transform_write": 1.0}  # fmt: skip
+    assert throughput_from_manifest(manifest(20_000, **big))[2] is None
+    # many images, but mostly fixed costs (a slow listing, say): still warned
+    slow = {**big, "listing": 9.0}
+    warning = throughput_from_manifest(manifest(20_000, **slow))[2]
+    assert warning and "listing 9.00s" in warning and "pca fit 0.80s" in warning
+    # few images: warned whatever the timings
+    warning = throughput_from_manifest(manifest(96, **big))[2]
+    assert warning and "96 images" in warning and "cluster start-up 4.00s" in warning

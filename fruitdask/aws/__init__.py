@@ -8,11 +8,18 @@ that call AWS: ``pip install fruitdask[aws]``.
 Submodules
 ----------
 ec2
-    :func:`~fruitdask.aws.ec2.ec2_cluster` and :func:`~fruitdask.aws.ec2.describe_plan`.
+    :func:`~fruitdask.aws.ec2.ec2_cluster` (the stock Dask image with this machine's
+    fruitdask, checks before anything is created, teardown always) and
+    :func:`~fruitdask.aws.ec2.describe_plan`.
 emr
-    EMR API payloads, create/submit/status/terminate, step polling.
+    EMR API payloads, the one-shot run (:func:`~fruitdask.aws.emr.watch`),
+    create/submit/status/terminate, step polling, the daemons' log copier.
+iam
+    The instances' least-privilege role and instance profile.
+stage
+    This machine's fruitdask as a wheel, its pinned dependencies, uploads.
 plan
-    Workers and cost for a number of images and a deadline.
+    Workers, wait and cost for a number of images and a deadline; prices.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ calls take a boto3 EMR client so tests can pass moto's or a Stubber's.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from fruitdask.aws import AwsError, aws_config, install_hint
 
 __all__ = [
     "EmrSettings",
+    "check_release",
     "StepResult",
     "add_steps",
     "create_cluster",
@@ -68,8 +70,12 @@ class EmrSettings:
     scheduler_port: int = 8786
     dashboard_port: int = 8787
     tags: dict[str, str] = field(default_factory=dict)
+    #: False: one-shot, the cluster terminates after its last step (``emr run``);
+    #: True: it waits for more steps until idle for ``idle_timeout_s`` (``emr create``).
+    keep_alive: bool = True
 
     def __post_init__(self) -> None:
+        check_release(self.release)
         for name in ("bootstrap_uri", "log_uri"):
             value = getattr(self, name)
             if not str(value).startswith("s3://"):
@@ -83,6 +89,29 @@ class EmrSettings:
         # EMR's limits for auto-termination: one minute to seven days.
         if not 60 <= self.idle_timeout_s <= 7 * 24 * 3600:
             raise AwsError(f"--idle-timeout must be 1m..7d, got {self.idle_timeout_s}s")
+
+
+_RELEASE = re.compile(r"emr-(\d+)\.(\d+)\.(\d+)")
+
+
+def check_release(label: str) -> None:
+    """Accept the EMR releases the bootstrap works on: 7.x (Amazon Linux 2023,
+    whose dnf has python3.11).
+
+    Raises
+    ------
+    AwsError
+        One line: not a release label, or a release whose OS has no Python 3.11
+        (emr-6.x and older run Amazon Linux 2: Python 3.7, no 3.11 package).
+    """
+    m = _RELEASE.fullmatch(str(label))
+    if not m:
+        raise AwsError(f"--release {label!r}: not an EMR release label like emr-7.9.0")
+    if int(m.group(1)) < 7:
+        raise AwsError(
+            f"--release {label}: EMR {m.group(1)}.x runs Amazon Linux 2, which has no Python "
+            "3.11 for fruitdask (its own is 3.7); use emr-7.x (Amazon Linux 2023)"
+        )
 
 
 def _aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
@@ -103,11 +132,14 @@ def bootstrap_args(s: EmrSettings) -> list[str]:
     ]
     if s.constraints:
         args += ["--constraints", s.constraints]
+    # the Dask daemons' logs, copied to the cluster's log folder as they grow
+    args += ["--log-uri", s.log_uri]
     return args
 
 
-def create_payload(s: EmrSettings) -> dict[str, Any]:
-    """The ``run_job_flow`` keyword arguments."""
+def create_payload(s: EmrSettings, steps: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The ``run_job_flow`` keyword arguments; with ``steps`` they run as soon as
+    the cluster is up (and a one-shot cluster terminates after the last)."""
     instances: dict[str, Any] = {
         "InstanceGroups": [
             {
@@ -125,16 +157,17 @@ def create_payload(s: EmrSettings) -> dict[str, Any]:
                 "InstanceCount": s.core_count,
             },
         ],
-        # Alive between steps so `emr submit` can add more; the auto-termination
-        # policy below ends it once idle.
-        "KeepJobFlowAliveWhenNoSteps": True,
+        # Long-lived: alive between steps so `emr submit` can add more, and the
+        # auto-termination policy below ends it once idle. One-shot: it ends
+        # after its last step.
+        "KeepJobFlowAliveWhenNoSteps": s.keep_alive,
         "TerminationProtected": False,
     }
     if s.subnet_id:
         instances["Ec2SubnetId"] = s.subnet_id
     if s.key_name:
         instances["Ec2KeyName"] = s.key_name
-    return {
+    payload: dict[str, Any] = {
         "Name": s.name,
         "ReleaseLabel": s.release,
         "LogUri": s.log_uri,
@@ -153,6 +186,9 @@ def create_payload(s: EmrSettings) -> dict[str, Any]:
         "StepConcurrencyLevel": 1,
         "Tags": _aws_tags({**s.tags, "created-by": "fruitdask"}),
     }
+    if steps:
+        payload["Steps"] = [dict(step) for step in steps]
+    return payload
 
 
 def _check_urls(input: str, output: str) -> None:
@@ -173,9 +209,12 @@ def dask_step(
     scheduler_port: int = 8786,
     name: str = "fruitdask: Dask job",
     action_on_failure: str = "CONTINUE",
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """The step that runs ``fruitdask run`` on the primary node against its scheduler."""
+    """The step that runs ``fruitdask run`` on the primary node against its
+    scheduler (waiting for ``workers`` workers: the core nodes' start with it)."""
     _check_urls(input, output)
+    wait = ["--workers", str(workers)] if workers else []
     args = [
         f"{prefix}/venv/bin/python",
         "-m",
@@ -189,6 +228,7 @@ def dask_step(
         "--output",
         output,
         "--json",
+        *wait,
         *job_args,
     ]
     return {
@@ -397,4 +437,152 @@ def wait_for_step(
                 f"step {step_id} of {cluster_id} still {state} after {timeout_s:.0f}s "
                 f"(it keeps running: `python -m fruitdask emr status {cluster_id}`)"
             )
+        sleep(poll_s)
+
+
+# ---------------------------------------------------------------- logs
+def ship_logs(src: str, dest: str) -> int:
+    """Copy the ``*.log`` files of folder ``src`` to folder URL ``dest`` (the
+    bootstrap runs this on every node, with the node's credentials); returns
+    how many were copied."""
+    import os
+
+    from fruitdask import io
+
+    n = 0
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name.endswith(".log") and os.path.isfile(path):
+            with open(path, "rb") as fh:
+                io.write_bytes(io.join(dest, name), fh.read())
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------- one shot
+BOOTSTRAP_SCRIPT = "emr_bootstrap.sh"  # package data of fruitdask.aws
+
+
+def staged_files(staging: str) -> dict[str, tuple[str, bytes]]:
+    """What ``emr run`` uploads under ``staging`` before it creates the cluster:
+    ``{"package"|"bootstrap"|"constraints": (url, bytes)}``, content-addressed
+    names (a rerun with the same files uploads nothing)."""
+    import hashlib
+    import os
+
+    from fruitdask.aws.stage import build_wheel, constraints
+
+    base = staging.rstrip("/")
+    name, wheel = build_wheel()
+    with open(os.path.join(os.path.dirname(__file__), BOOTSTRAP_SCRIPT), "rb") as fh:
+        script = fh.read()
+    pins = constraints().encode()
+
+    def tag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:12]
+
+    return {
+        "package": (f"{base}/wheels/{name}", wheel),
+        "bootstrap": (f"{base}/emr/bootstrap-{tag(script)}.sh", script),
+        "constraints": (f"{base}/emr/constraints-{tag(pins)}.txt", pins),
+    }
+
+
+TERMINAL_CLUSTER_STATES = ("TERMINATED", "TERMINATED_WITH_ERRORS")
+
+
+@dataclass
+class Outcome:
+    """How a one-shot cluster ended."""
+
+    cluster_id: str
+    state: str
+    steps: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    failure: str | None = None
+    log_file: str | None = None
+    created: Any = None
+    ended: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.steps) and all(v == "COMPLETED" for v in self.steps.values())
+
+
+def watch(
+    client,
+    cluster_id: str,
+    *,
+    poll_s: float = 15.0,
+    timeout_s: float | None = None,
+    on_event: Callable[[str], None] | None = None,
+    check: Callable[[], None] | None = None,
+    key_name: str | None = None,
+    dashboard_port: int = 8787,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Outcome:
+    """Follow a cluster until it terminates: its state, its steps' states, and
+    (once the primary node has an address) how to reach the Dask dashboard.
+
+    ``check`` is called between polls (a stop request raises there).
+
+    Raises
+    ------
+    AwsError
+        An API error, or ``timeout_s`` passed (the cluster is left as it is).
+    """
+    say = on_event or (lambda line: None)
+    t0 = clock()
+    last: dict[str, str] = {}
+    hinted = False
+    while True:
+        if check is not None:
+            check()
+        c = _call("EMR DescribeCluster", client.describe_cluster, ClusterId=cluster_id)["Cluster"]
+        status = c.get("Status", {})
+        state = status.get("State", "?")
+        if last.get(cluster_id) != state:
+            say(f"cluster {cluster_id}: {state}")
+            last[cluster_id] = state
+        dns = c.get("MasterPublicDnsName")
+        if dns and not hinted:
+            hinted = True
+            if key_name:
+                say(
+                    f"dashboard: ssh -i {key_name}.pem -N -L {dashboard_port}:localhost:"
+                    f"{dashboard_port} hadoop@{dns}, then http://localhost:{dashboard_port} "
+                    "(Spark's UI: -L 20888:localhost:20888)"
+                )
+            else:
+                say(f"primary node {dns} (no --key-name: no SSH tunnel to its dashboard)")
+        steps = _call("EMR ListSteps", client.list_steps, ClusterId=cluster_id).get("Steps", [])
+        states = {}
+        for st in reversed(steps):  # oldest first
+            sid, sstate = st["Id"], st.get("Status", {}).get("State", "?")
+            states[sid] = sstate
+            if last.get(sid) != sstate:
+                say(f"step {sid} ({st.get('Name', '')}): {sstate}")
+                last[sid] = sstate
+        if state in TERMINAL_CLUSTER_STATES:
+            timeline = status.get("Timeline") or {}
+            out = Outcome(
+                cluster_id=cluster_id,
+                state=state,
+                steps=states,
+                reason=(status.get("StateChangeReason") or {}).get("Message"),
+                created=timeline.get("CreationDateTime"),
+                ended=timeline.get("EndDateTime"),
+            )
+            failed = [sid for sid, v in states.items() if v != "COMPLETED"]
+            if failed:
+                step = _call(
+                    "EMR DescribeStep", client.describe_step, ClusterId=cluster_id, StepId=failed[0]
+                )["Step"]
+                details = step.get("Status", {}).get("FailureDetails") or {}
+                out.failure = details.get("Message") or details.get("Reason")
+                out.log_file = details.get("LogFile")
+            return out
+        if timeout_s is not None and clock() - t0 >= timeout_s:
+            raise AwsError(f"cluster {cluster_id} still {state} after {timeout_s:.0f}s")
         sleep(poll_s)

@@ -21,7 +21,8 @@ FAKE_SECRET = "fruitdask/fake+secret/never-leaves-the-client-0001"
 REGION = "us-east-1"
 
 # Without these, moto accepts any instance type, AMI and key pair, and a typo
-# in what we send would pass (shared/NOTES.md).
+# in what we send would pass (moto 5.2.1 ran RunInstances with InstanceType
+# "c6i.notatype", ImageId "ami-12345678" and an unknown KeyName without a word).
 _VALIDATION = {
     "MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION": "true",
     "MOTO_ENABLE_AMI_VALIDATION": "true",

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, NoReturn, TextIO, TypeVar
 
 from fruitdask.cancel import StopToken
@@ -96,9 +96,19 @@ class Terminal:
     """
 
     def __init__(self) -> None:
-        self.out: TextIO = sys.stdout
-        self.err: TextIO = sys.stderr
+        self._out: TextIO | None = None
+        self._err: TextIO | None = None
         self.log_path: str | None = None
+
+    # Until :meth:`redirect`, the process's streams as they are now (a caller
+    # that replaces sys.stdout, like pytest's capsys, sees the output).
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return self._err or sys.stderr
 
     def redirect(self, log_path: str) -> None:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -106,8 +116,8 @@ class Terminal:
         sys.stdout.flush()
         sys.stderr.flush()
         out_fd, err_fd = os.dup(1), os.dup(2)
-        self.out = os.fdopen(out_fd, "w", buffering=1, encoding="utf-8", errors="replace")
-        self.err = os.fdopen(err_fd, "w", buffering=1, encoding="utf-8", errors="replace")
+        self._out = os.fdopen(out_fd, "w", buffering=1, encoding="utf-8", errors="replace")
+        self._err = os.fdopen(err_fd, "w", buffering=1, encoding="utf-8", errors="replace")
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
@@ -261,7 +271,28 @@ def build_run_config(args: argparse.Namespace, **fixed: Any) -> RunConfig:
     return RunConfig.from_config(**{**given, **fixed}, **orb)
 
 
+def _data_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """The input and output of a command (``--input``/``--output``, or pack's
+    ``src``/``dst``), unset ones as dask.config would fill them."""
+    import dask.config
+
+    if hasattr(args, "src"):
+        return {"SRC": args.src, "DST": getattr(args, "dst", None)}
+    paths: dict[str, str | None] = {"--input": getattr(args, "input", None)}
+    if hasattr(args, "output"):
+        # a value set in dask.config counts; the packaged local default does not
+        packaged = {f.name: f.default for f in fields(RunConfig)}["output"]
+        configured = dask.config.get("fruitdask.output", None)
+        paths["--output"] = args.output or (configured if configured != packaged else None)
+    return paths
+
+
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The cluster of a command line, checked before anything starts: a local
+    cluster's options, and for a remote one (``ec2``, a scheduler on another
+    machine) that the input and output are URLs its workers can reach."""
+    from fruitdask.cluster import check_local, check_remote_paths, is_remote
+
     given = {f.name: getattr(args, f.name, None) for f, _ in config_fields(ClusterSpec)}
     extra = {k: v for k, v in vars(args).items() if k.startswith("ec2_") and v}
     spec = ClusterSpec.from_config(**given, extra=extra)
@@ -269,13 +300,20 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         flags = ", ".join("--" + k.removeprefix("ec2_").replace("_", "-") for k in sorted(extra))
         raise InputError(f"{flags}: only with --cluster ec2")
     if spec.kind == "local":
-        from fruitdask.cluster import check_local
-
-        spec = check_local(spec)
-    elif "://" in spec.kind:
+        return check_local(spec)
+    if "://" in spec.kind:
         from fruitdask.cluster import check_scheduler
 
         check_scheduler(spec)
+    if is_remote(spec.kind):
+        paths = _data_paths(args)
+        check_remote_paths(spec.kind, paths)
+        if spec.kind == "ec2":
+            # what ec2_cluster checks and stages before it creates anything
+            urls = list(paths.values())
+            data = {"input": urls[0], "output": urls[-1], "storage_options":
+                    storage_options_from_args(args)}  # fmt: skip
+            spec = replace(spec, extra={**spec.extra, "ec2_data": data})
     return spec
 
 
@@ -286,9 +324,12 @@ def open_cluster(spec: ClusterSpec, stop: StopToken) -> Iterator[tuple[Any, floa
         from distributed import Client
 
         from fruitdask.aws.ec2 import ec2_cluster  # fruitdask[aws]
+        from fruitdask.cluster import check_versions
 
         t0 = time.perf_counter()
-        with ec2_cluster(spec) as cluster, Client(cluster) as client:
+        with ec2_cluster(spec, stop=stop, say=term.say) as cluster, Client(cluster) as client:
+            check_versions(client)
+            stop.check()
             yield client, time.perf_counter() - t0
         return
     from fruitdask.cluster import connect, exposure
@@ -460,12 +501,19 @@ class Supervisor:
         try:
             thread.start()
             deadline = None
+            told = 0
             while thread.is_alive():
                 thread.join(0.1)
                 if self.stop.requested and deadline is None:
                     self.stop.fire()
                     deadline = time.monotonic() + self.GRACE
-                if deadline is not None and time.monotonic() > deadline:
+                held = self.stop.held
+                if held and self.stop.requests > told:
+                    # cloud instances are being terminated: say so, and wait
+                    more = "" if told == 0 else " (a further signal does not skip it)"
+                    term.say(f"stopping: {held}{more}")
+                    told = self.stop.requests
+                if deadline is not None and time.monotonic() > deadline and not held:
                     break
             self.stop.close()  # from here on nothing can commit
         finally:

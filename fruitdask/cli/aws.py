@@ -13,7 +13,7 @@ import json
 import shlex
 from typing import Any
 
-from fruitdask.cli._common import positive, term
+from fruitdask.cli._common import add_storage_arguments, positive, storage_options_from_args, term
 from fruitdask.errors import InputError
 
 __all__ = ["add_run_arguments", "register"]
@@ -31,7 +31,16 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
         "--image",
         dest="ec2_image",
         metavar="IMAGE",
-        help="Docker image with fruitdask (deploy/Dockerfile), pulled by every instance",
+        help="a Docker image with fruitdask in it (deploy/Dockerfile; ECR works). Default: "
+        "the official Dask image at this machine's dask and Python, with this machine's "
+        "fruitdask installed at start",
+    )
+    g.add_argument(
+        "--staging",
+        dest="ec2_staging",
+        metavar="URL",
+        help="where fruitdask's wheel is staged for the instances (default: "
+        "s3://<output bucket>/fruitdask-staging)",
     )
     g.add_argument(
         "--worker-instance-type",
@@ -97,24 +106,93 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the ``emr`` and ``plan`` sub-commands, and the EC2 options of ``run``."""
+    """Add the ``aws``, ``emr`` and ``plan`` sub-commands, and the EC2 options of ``run``."""
     add_run_arguments(subparsers.choices["run"])
     _register_plan(subparsers)
     _register_emr(subparsers)
+    _register_aws(subparsers)
+
+
+# ---------------------------------------------------------------- aws iam
+def _register_aws(subparsers) -> None:
+    a = subparsers.add_parser(
+        "aws",
+        help="set up an AWS account for fruitdask (the instances' IAM role)",
+        description="One-time set-up in your AWS account.",
+    )
+    sub = a.add_subparsers(dest="aws_command", metavar="ACTION", parser_class=type(a))
+    sub.required = True
+    i = sub.add_parser(
+        "iam",
+        help="create or update the instances' least-privilege role and instance profile",
+        description="Create (or bring up to date) an IAM role and an instance profile of "
+        "the same name for the cluster's instances, EC2 or EMR: read the input prefix, "
+        "read and write the output prefix, read the staging prefix (fruitdask's wheel, "
+        "the EMR bootstrap) and write its logs/ folder; nothing else. Pass the name to "
+        "--instance-profile. --dry-run prints the policy and calls nothing.",
+    )
+    i.add_argument("--input", "-i", required=True, metavar="S3_URL", help="the input prefix")
+    i.add_argument("--output", "-o", required=True, metavar="S3_URL", help="the output prefix")
+    i.add_argument(
+        "--staging",
+        metavar="S3_URL",
+        help="where fruitdask is staged (default: s3://<output bucket>/fruitdask-staging)",
+    )
+    i.add_argument("--image", help="an ECR image the instances pull (adds pull rights on it)")
+    i.add_argument("--name", help="role and instance profile name (fruitdask-cluster)")
+    i.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    i.add_argument("--dry-run", action="store_true", help="print the policy as JSON; call nothing")
+    i.set_defaults(func=cmd_aws_iam)
+
+
+def cmd_aws_iam(args: argparse.Namespace) -> int:
+    from fruitdask.aws import aws_config, iam, parse_tags
+    from fruitdask.aws.ec2 import default_staging
+
+    name = args.name or str(aws_config("iam.name"))
+    try:
+        staging = args.staging or default_staging(args.output) or ""
+        document = iam.policy(args.input, args.output, staging, args.image)
+        tags = parse_tags(args.tag, aws_config("tags"))
+        if args.dry_run:
+            term.result(json.dumps(document, indent=1))
+            term.say(
+                f"dry run: role and instance profile {name} (trusted by ec2.amazonaws.com) "
+                f"with inline policy {iam.POLICY_NAME} above; nothing created"
+            )
+            return 0
+        try:
+            import boto3
+        except ImportError as exc:
+            from fruitdask.aws import install_hint
+
+            raise install_hint(exc) from None
+        done = iam.ensure_role(boto3.client("iam"), document, name=name, tags=tags)
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    term.result(json.dumps(done))
+    term.say(
+        f"{'; '.join(done['changes']) or 'up to date'}: pass --instance-profile {name} to "
+        "`run --cluster ec2` or `emr run/create` (launching needs iam:PassRole on "
+        f"{done['role_arn']})"
+    )
+    return 0
 
 
 # ---------------------------------------------------------------- plan
 def _register_plan(subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="workers and cost to process N images by a deadline on AWS",
-        description="Estimate the workers needed and the cost of a run on EC2 or EMR, "
-        "from the per-core throughput of a run's manifest.json (or a measured default) "
-        "and a dated on-demand price table. Calls nothing.",
+        help="workers, wall time and cost to process N images by a deadline on AWS",
+        description="Estimate the workers needed, the wait (start-up, install, work, "
+        "teardown) and the cost of a run on EC2 or EMR, from a measured per-core "
+        "throughput (fruitdask/aws/throughput.json, or a run's manifest.json) and a "
+        "dated on-demand price table. Calls nothing.",
     )
     p.add_argument("--images", type=int, required=True, help="number of images")
     p.add_argument(
-        "--deadline", help="wall-clock budget, start-up included, e.g. 10m, 1h (default 30m)"
+        "--deadline",
+        help="wall-clock budget to the result, start-up included, e.g. 10m, 1h (default 30m)",
     )
     p.add_argument(
         "--workers", type=int, help="plan this many workers instead of meeting a deadline"
@@ -129,9 +207,17 @@ def _register_plan(subparsers) -> None:
         help="a run's manifest.json (or its output folder): its images_per_s_per_core",
     )
     p.add_argument("--prices", metavar="FILE", help="price table JSON (default: the shipped one)")
+    p.add_argument(
+        "--region",
+        help="price region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1; "
+        "run --cluster ec2 defaults to the input bucket's)",
+    )
     p.add_argument("--service", choices=("ec2", "emr"), help="EC2 (default) or EMR pricing")
     p.add_argument(
-        "--startup", metavar="DURATION", help="start-up overhead (default ec2 4m, emr 10m)"
+        "--startup",
+        metavar="DURATION",
+        help="start-up and install before any work "
+        "(default: the sum of the start and install figures printed)",
     )
     p.add_argument(
         "--rate", type=float, help="images/s per vCPU (overrides --manifest and the default)"
@@ -142,28 +228,43 @@ def _register_plan(subparsers) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
     from fruitdask.aws import aws_config
     from fruitdask.aws import plan as pl
 
     positive("--images", args.images)
     positive("--workers", args.workers)
+    notes: list[str] = []
     try:
         service = args.service or aws_config("plan.service")
         d = pl.defaults(service)
-        prices = pl.load_prices(args.prices)
+        region = args.region or os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION")  # fmt: skip
+        prices = pl.load_prices(args.prices, region)
+        if region and region != prices.region:
+            notes.append(
+                f"note: {prices.path} has no prices for {region} (it has "
+                f"{', '.join(prices.regions)}): {prices.region}'s are used"
+            )
         if args.rate is not None:
             rate, source = args.rate, "--rate"
         elif args.manifest:
-            rate, source = pl.throughput_from_manifest(args.manifest)
+            rate, source, warning = pl.throughput_from_manifest(args.manifest)
+            if warning:
+                notes.append(warning)
         else:
-            rate, source = d["rate_per_core"], "default: README Performance, packed S3 input"
+            rate, source = d["rate_per_core"], d["rate_source"]
         deadline = pl.parse_duration(args.deadline) if args.deadline else d["deadline_s"]
+        startup = pl.parse_duration(args.startup) if args.startup else d["startup_s"]
         kwargs: dict[str, Any] = {
             "rate_per_core": rate,
             "deadline_s": None if args.workers else deadline,
             "workers": args.workers,
             "efficiency": args.efficiency if args.efficiency is not None else d["efficiency"],
-            "startup_s": pl.parse_duration(args.startup) if args.startup else d["startup_s"],
+            "startup_s": startup,
+            "teardown_s": d["teardown_s"],
+            "extras_per_hour": prices.extras_per_hour(d["ebs_gb"]),
             "service": service,
             "minimum_seconds": prices.minimum_seconds,
         }
@@ -175,18 +276,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if not options:
                 raise pl.PlanError(f"no instance type in {prices.path} has a {service} price")
             best = options[0]
+        parts = pl.waits(service, best.job_s, source)
+        if args.startup:
+            parts = [w for w in parts if w.name not in ("start", "install")]
+            parts.insert(0, pl.Wait("start", float(startup or 0.0), "--startup"))
     except pl.PlanError as exc:
         raise InputError(str(exc)) from None
+    for note in notes:
+        if note.startswith("warning:"):
+            term.say(note)
     if args.json:
-        term.result(json.dumps(_plan_json(best, prices, source)))
+        term.result(json.dumps(_plan_json(best, prices, source, parts, notes)))
     else:
         term.result(
-            pl.format_plan(best, prices, source, options[:8] if not args.instance_type else None)
+            pl.format_plan(
+                best,
+                prices,
+                source,
+                options[:8] if not args.instance_type else None,
+                waits=parts,
+                notes=[n for n in notes if not n.startswith("warning:")],
+            )
         )
     return 0
 
 
-def _plan_json(p, prices, source: str) -> dict[str, Any]:
+def _plan_json(p, prices, source: str, parts, notes: list[str]) -> dict[str, Any]:
     return {
         "service": p.service,
         "images": p.images,
@@ -200,12 +315,19 @@ def _plan_json(p, prices, source: str) -> dict[str, Any]:
         "startup_s": round(p.startup_s, 1),
         "job_s": round(p.job_s, 1),
         "wall_s": round(p.wall_s, 1),
+        "teardown_s": round(p.teardown_s, 1),
+        "total_s": round(p.total_s, 1),
+        "waits": [
+            {"name": w.name, "seconds": round(w.seconds, 1), "source": w.source, "cut": w.cut}
+            for w in parts
+        ],
         "deadline_s": p.deadline_s,
         "meets_deadline": p.meets_deadline,
         "usd_per_hour": round(p.usd_per_hour, 4),
         "cost_usd": round(p.cost_usd, 4),
         "prices_as_of": prices.as_of,
         "prices_region": prices.region,
+        "notes": notes,
     }
 
 
@@ -225,34 +347,41 @@ def _register_emr(subparsers) -> None:
         p.add_argument("--region", help="AWS region (default: boto's)")
         p.add_argument("--dry-run", action="store_true", help="print the API payload as JSON")
 
-    c = sub.add_parser("create", help="run_job_flow: a cluster with Dask on it")
-    c.add_argument("--name", default="fruitdask", help="cluster name (fruitdask)")
-    c.add_argument(
-        "--bootstrap-uri",
-        required=True,
-        metavar="S3_URL",
-        help="where deploy/emr/bootstrap.sh was uploaded",
+    r = sub.add_parser(
+        "run",
+        help="one shot: stage fruitdask, start a cluster that runs the job and terminates",
+        description="Upload the bootstrap script, this machine's fruitdask (a wheel) and its "
+        "pinned dependencies to --staging, create a cluster whose only step is the job "
+        "(KeepJobFlowAliveWhenNoSteps=False: it terminates when the step ends, or fails), "
+        "follow it (cluster and step states, the SSH tunnel to the dashboard), then print "
+        "the output, the wall time and the estimated cost. Ctrl-C terminates the cluster.",
     )
-    c.add_argument(
-        "--package",
-        required=True,
-        help="fruitdask for the nodes: an s3:// wheel (pip wheel --no-deps . -w dist) or pip spec",
+    r.add_argument("--input", "-i", required=True, help="s3:// folder of images or shards")
+    r.add_argument("--output", "-o", required=True, help="s3:// output folder")
+    r.add_argument(
+        "--engine", choices=("dask", "spark"), default="dask", help="the Dask job or the Spark one"
     )
-    c.add_argument(
-        "--constraints", metavar="URL", help="pip constraints (deploy/requirements.txt on S3)"
+    r.add_argument("--timeout", metavar="DURATION", help="terminate the cluster after this")
+    r.add_argument(
+        "--job-args",
+        default="",
+        metavar="'ARGS'",
+        help="more arguments for the job, one quoted string: --job-args='--partition-size 2000'",
     )
-    c.add_argument("--log-uri", required=True, metavar="S3_URL", help="EMR log folder")
-    c.add_argument("--release", help="EMR release label (emr-7.9.0)")
-    c.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    c.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    c.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
-    c.add_argument("--core-spot", action="store_true", help="core nodes on spot")
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _cluster_arguments(r, one_shot=True)
+    common(r)
+    r.set_defaults(func=cmd_emr_run)
+
+    c = sub.add_parser(
+        "create",
+        help="run_job_flow: a long-lived cluster with Dask on it (auto-terminates when idle)",
+        description="A cluster that stays up for `emr submit` until idle for --idle-timeout. "
+        "Without --bootstrap-uri and --package, this machine's fruitdask and the bootstrap "
+        "script are staged under --staging first.",
+    )
     c.add_argument("--idle-timeout", metavar="DURATION", help="auto-terminate after (1h)")
-    c.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
-    c.add_argument("--instance-profile", help="EC2 instance profile (EMR_EC2_DefaultRole)")
-    c.add_argument("--subnet-id")
-    c.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
-    c.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    _cluster_arguments(c, one_shot=False)
     common(c)
     c.set_defaults(func=cmd_emr_create)
 
@@ -308,14 +437,122 @@ def _register_emr(subparsers) -> None:
     t.set_defaults(func=cmd_emr_terminate)
 
 
+def _cluster_arguments(p: argparse.ArgumentParser, one_shot: bool) -> None:
+    p.add_argument("--name", default="fruitdask", help="cluster name (fruitdask)")
+    p.add_argument(
+        "--staging",
+        metavar="S3_URL",
+        help="where fruitdask, the bootstrap script and the logs go"
+        + (" (default: s3://<output bucket>/fruitdask-staging)" if one_shot else ""),
+    )
+    p.add_argument(
+        "--log-uri", metavar="S3_URL", help="EMR's log folder (default: <staging>/logs/)"
+    )
+    if not one_shot:
+        p.add_argument(
+            "--bootstrap-uri", metavar="S3_URL", help="deploy/emr/bootstrap.sh, uploaded by hand"
+        )
+        p.add_argument(
+            "--package", help="fruitdask for the nodes, by hand: an s3:// wheel or a pip spec"
+        )
+        p.add_argument("--constraints", metavar="URL", help="pip constraints, by hand")
+    p.add_argument("--release", help="EMR release label, 7.x (emr-7.9.0)")
+    p.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    p.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
+    p.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
+    p.add_argument("--core-spot", action="store_true", help="core nodes on spot")
+    p.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
+    p.add_argument(
+        "--instance-profile",
+        help="the nodes' instance profile (EMR_EC2_DefaultRole; `fruitdask aws iam` makes a "
+        "least-privilege one)",
+    )
+    p.add_argument("--subnet-id")
+    p.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="(repeatable)")
+    add_storage_arguments(p)
+
+
+def _emr_settings(args: argparse.Namespace, staging: str | None, keep_alive: bool):
+    """``(EmrSettings, uploads)``: what is given by hand, the rest staged."""
+    from fruitdask.aws import AwsError, aws_config, emr, parse_tags
+
+    def conf(value: Any, key: str) -> Any:
+        return aws_config(f"emr.{key}", value)
+
+    positive("--core-count", args.core_count)
+    by_hand = {
+        "bootstrap": getattr(args, "bootstrap_uri", None),
+        "package": getattr(args, "package", None),
+        "constraints": getattr(args, "constraints", None),
+    }
+    uploads: dict[str, tuple[str, bytes]] = {}
+    if not (by_hand["bootstrap"] and by_hand["package"]):
+        if not staging:
+            raise AwsError(
+                "--staging S3_URL is required (or --bootstrap-uri and --package): where "
+                "fruitdask and the bootstrap script are uploaded for the nodes"
+            )
+        staged = emr.staged_files(staging)
+        uploads = {k: v for k, v in staged.items() if not by_hand.get(k)}
+    urls = {k: by_hand.get(k) or uploads[k][0] for k in ("bootstrap", "package")}
+    constraints = by_hand["constraints"] or (uploads["constraints"][0] if uploads else None)
+    log_uri = args.log_uri or (f"{staging.rstrip('/')}/logs/" if staging else None)
+    if not log_uri:
+        raise AwsError("--log-uri S3_URL is required (or --staging)")
+    idle = _duration(conf(getattr(args, "idle_timeout", None), "idle-timeout"))
+    s = emr.EmrSettings(
+        bootstrap_uri=urls["bootstrap"],
+        package=urls["package"],
+        log_uri=log_uri,
+        name=args.name,
+        release=conf(args.release, "release"),
+        primary_instance_type=conf(args.primary_instance_type, "primary-instance-type"),
+        core_instance_type=conf(args.core_instance_type, "core-instance-type"),
+        core_count=int(conf(args.core_count, "core-count")),
+        core_spot=args.core_spot,
+        idle_timeout_s=int(idle or 3600),
+        service_role=conf(args.service_role, "service-role"),
+        instance_profile=conf(args.instance_profile, "instance-profile"),
+        subnet_id=args.subnet_id,
+        key_name=args.key_name,
+        constraints=constraints,
+        prefix=conf(None, "prefix"),
+        scheduler_port=int(conf(None, "scheduler-port")),
+        dashboard_port=int(conf(None, "dashboard-port")),
+        tags=parse_tags(args.tag, aws_config("tags")),
+        keep_alive=keep_alive,
+    )
+    return s, uploads
+
+
+def _upload(uploads: dict[str, tuple[str, bytes]], args: argparse.Namespace) -> None:
+    from fruitdask.aws.stage import stage
+
+    so = storage_options_from_args(args)
+    for kind, (url, data) in uploads.items():
+        if stage(url, data, so):
+            term.say(f"staged the {kind}: {url}")
+
+
+def _counts(*pairs: tuple[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for itype, n in pairs:
+        out[itype] = out.get(itype, 0) + n
+    return out
+
+
 def _aws_errors() -> tuple[type[BaseException], ...]:
     from fruitdask.aws import AwsError
 
     return (AwsError,)
 
 
-def _dry(operation: str, payload: dict[str, Any]) -> int:
-    term.result(json.dumps({"operation": operation, "payload": payload}, indent=1))
+def _dry(operation: str, payload: dict[str, Any], uploads: dict | None = None) -> int:
+    doc: dict[str, Any] = {"operation": operation, "payload": payload}
+    if uploads:
+        doc["uploads"] = {kind: url for kind, (url, _) in uploads.items()}
+    term.result(json.dumps(doc, indent=1))
     return 0
 
 
@@ -329,39 +566,16 @@ def _duration(text: str | None) -> float | None:
 
 
 def cmd_emr_create(args: argparse.Namespace) -> int:
-    from fruitdask.aws import aws_config, emr, parse_tags
+    from fruitdask.aws import emr
 
-    def conf(value: Any, key: str) -> Any:
-        return aws_config(f"emr.{key}", value)
-
-    positive("--core-count", args.core_count)
-    idle = _duration(conf(args.idle_timeout, "idle-timeout"))
     try:
-        s = emr.EmrSettings(
-            bootstrap_uri=args.bootstrap_uri,
-            package=args.package,
-            log_uri=args.log_uri,
-            name=args.name,
-            release=conf(args.release, "release"),
-            primary_instance_type=conf(args.primary_instance_type, "primary-instance-type"),
-            core_instance_type=conf(args.core_instance_type, "core-instance-type"),
-            core_count=int(conf(args.core_count, "core-count")),
-            core_spot=args.core_spot,
-            idle_timeout_s=int(idle or 3600),
-            service_role=conf(args.service_role, "service-role"),
-            instance_profile=conf(args.instance_profile, "instance-profile"),
-            subnet_id=args.subnet_id,
-            key_name=args.key_name,
-            constraints=args.constraints,
-            prefix=conf(None, "prefix"),
-            scheduler_port=int(conf(None, "scheduler-port")),
-            dashboard_port=int(conf(None, "dashboard-port")),
-            tags=parse_tags(args.tag, aws_config("tags")),
-        )
+        s, uploads = _emr_settings(args, args.staging, keep_alive=True)
         payload = emr.create_payload(s)
         if args.dry_run:
-            return _dry("RunJobFlow", payload)
-        cluster_id = emr.create_cluster(emr.emr_client(args.region), payload)
+            return _dry("RunJobFlow", payload, uploads)
+        client = emr.emr_client(args.region)
+        _upload(uploads, args)
+        cluster_id = emr.create_cluster(client, payload)
     except _aws_errors() as exc:
         raise InputError(str(exc)) from None
     term.result(cluster_id)
@@ -369,6 +583,121 @@ def cmd_emr_create(args: argparse.Namespace) -> int:
         f"created {cluster_id}; submit with: python -m fruitdask emr submit {cluster_id} "
         "--input s3://... --output s3://..."
     )
+    return 0
+
+
+def cmd_emr_run(args: argparse.Namespace) -> int:
+    import contextlib
+    import threading
+    import time
+
+    from fruitdask.aws import aws_config, emr
+    from fruitdask.aws.ec2 import default_staging
+    from fruitdask.aws.plan import estimate_usage
+    from fruitdask.aws.plan import format_duration as duration
+    from fruitdask.cli._common import Supervisor
+    from fruitdask.errors import JobError
+
+    timeout = _duration(args.timeout)
+    try:
+        job_args = shlex.split(args.job_args)
+    except ValueError as exc:
+        raise InputError(f"--job-args: {exc}") from None
+    try:
+        staging = args.staging or default_staging(args.output)
+        s, uploads = _emr_settings(args, staging, keep_alive=False)
+        if args.engine == "dask":
+            step = emr.dask_step(
+                args.input, args.output, job_args, prefix=s.prefix,
+                scheduler_port=s.scheduler_port, workers=s.core_count,
+                action_on_failure="TERMINATE_CLUSTER",
+            )  # fmt: skip
+        else:
+            step = emr.spark_step(args.input, args.output, job_args, prefix=s.prefix,
+                                  action_on_failure="TERMINATE_CLUSTER")  # fmt: skip
+        payload = emr.create_payload(s, [step])
+        if args.dry_run:
+            return _dry("RunJobFlow", payload, uploads)
+        client = emr.emr_client(args.region)
+        region = client.meta.region_name
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    t0 = time.monotonic()
+
+    def body(stop):
+        _upload(uploads, args)
+        cluster_id = emr.create_cluster(client, payload)
+        term.say(
+            f"created {cluster_id}: 1 x {s.primary_instance_type} + {s.core_count} x "
+            f"{s.core_instance_type}, {s.release}; it terminates after its step"
+        )
+        wake = threading.Event()
+        unregister = stop.on_stop(wake.set)
+        try:
+            return emr.watch(
+                client,
+                cluster_id,
+                poll_s=float(aws_config("emr.poll-interval")),
+                timeout_s=timeout,
+                on_event=term.say,
+                check=stop.check,
+                key_name=s.key_name,
+                dashboard_port=s.dashboard_port,
+                sleep=wake.wait,
+            )
+        except BaseException:
+            # stopped, timed out or lost track: the cluster must not outlive this command
+            with stop.holding(f"terminating the EMR cluster {cluster_id}"):
+                with contextlib.suppress(Exception):
+                    emr.terminate(client, cluster_id)
+            term.say(f"terminating {cluster_id}")
+            raise
+        finally:
+            unregister()
+
+    try:
+        outcome = Supervisor().run(body)
+    except _aws_errors() as exc:
+        raise InputError(str(exc)) from None
+    wall = time.monotonic() - t0
+    lifetime = wall
+    if outcome.created is not None and outcome.ended is not None:
+        with contextlib.suppress(TypeError, AttributeError):
+            lifetime = (outcome.ended - outcome.created).total_seconds()
+    usage = estimate_usage(
+        "emr", region, _counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
+        seconds=lifetime, ebs_gb_each=float((aws_config("plan.ebs-gb") or {}).get("emr", 0)),
+    )  # fmt: skip
+    if not outcome.ok:
+        failed = next((k for k, v in outcome.steps.items() if v != "COMPLETED"), None)
+        raise JobError(
+            f"{outcome.cluster_id} {outcome.state}"
+            + (f": step {failed} {outcome.steps[failed]}" if failed else ": its step never ran")
+            + (
+                f": {outcome.failure or outcome.reason}"
+                if outcome.failure or outcome.reason
+                else ""
+            )
+            + (f" (log: {outcome.log_file})" if outcome.log_file else f" (logs: {s.log_uri})")
+        )
+    cost = usage["estimated_usd"]
+    if args.json:
+        term.result(json.dumps({
+            "output": args.output, "cluster_id": outcome.cluster_id, "state": outcome.state,
+            "steps": outcome.steps, "wall_s": round(wall, 1), "usage": usage,
+            "logs": s.log_uri,
+        }))  # fmt: skip
+    else:
+        term.result(
+            f"output: {args.output}\n"
+            f"wall time: {duration(wall)} (upload, cluster start, job, termination)\n"
+            f"cluster: {outcome.cluster_id} {outcome.state}, {usage['instance_hours']:.2f} "
+            "instance-hours\n"
+            + (f"estimated cost: ${cost:.2f} ({usage['prices']}, EC2 + EMR + EBS + IPv4)\n"
+               if cost is not None else "estimated cost: unknown (instance type not in the "
+               "price table)\n")
+            + f"logs: {s.log_uri}"
+        )  # fmt: skip
     return 0
 
 

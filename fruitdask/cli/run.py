@@ -183,6 +183,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.input = ensure_default_sample(args.quiet)
     cfg = build_run_config(args)
     check_report_path(args.report)
+    if spec.kind == "ec2":
+        from fruitdask.aws.ec2 import preflight
+
+        spec = preflight(spec, term.say)  # credentials, image: before the output is locked
 
     progress = None if args.quiet else ProgressPrinter()
     timer = pipeline.Timer(progress.stage if progress else None, startup=0.0)
@@ -229,6 +233,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     positive("--row-group-size", args.row_group_size)
     so = storage_options_from_args(args)
     spec = cluster_spec(args)
+    if spec.kind == "ec2":
+        from fruitdask.aws.ec2 import preflight
+
+        spec = preflight(spec, term.say)  # credentials, image: before the output is locked
 
     def body(stop):
         job = pack.preflight(args.src, args.dst, so, None, args.shard_size, args.row_group_size,
