@@ -19,6 +19,15 @@ from fruitdask.errors import InputError
 __all__ = ["add_run_arguments", "register"]
 
 
+def _d(key: str) -> str:
+    """`` (default: X)`` from ``fruitdask/aws/aws.yaml`` (as overridden in
+    dask.config): the one place the AWS defaults are written."""
+    from fruitdask.aws import aws_config
+
+    value = aws_config(key)
+    return "" if value is None else f" (default: {value})".replace("%", "%%")
+
+
 def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
     """The EC2 options of ``run`` (used with ``--cluster ec2``)."""
     g = run_parser.add_argument_group(
@@ -46,13 +55,13 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
         "--worker-instance-type",
         dest="ec2_worker_instance_type",
         metavar="TYPE",
-        help="worker instance type (default c6i.xlarge); --workers sets how many",
+        help=f"worker instance type{_d('ec2.worker-instance-type')}; --workers sets how many",
     )
     g.add_argument(
         "--scheduler-instance-type",
         dest="ec2_scheduler_instance_type",
         metavar="TYPE",
-        help="scheduler instance type (default m5.large)",
+        help=f"scheduler instance type{_d('ec2.scheduler-instance-type')}",
     )
     g.add_argument(
         "--ami", dest="ec2_ami", metavar="AMI", help="AMI id (default: newest Ubuntu 22.04)"
@@ -95,7 +104,7 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
         "--idle-timeout",
         dest="ec2_idle_timeout",
         metavar="DURATION",
-        help="the scheduler (and so the cluster) shuts down after this long idle (30m)",
+        help=f"the scheduler (and so the cluster) shuts down after this long idle{_d('ec2.idle-timeout')}",
     )
     g.add_argument(
         "--dry-run",
@@ -192,7 +201,7 @@ def _register_plan(subparsers) -> None:
     p.add_argument("--images", type=int, required=True, help="number of images")
     p.add_argument(
         "--deadline",
-        help="wall-clock budget to the result, start-up included, e.g. 10m, 1h (default 30m)",
+        help=f"wall-clock budget to the result, start-up included, e.g. 10m, 1h{_d('plan.deadline')}",
     )
     p.add_argument(
         "--workers", type=int, help="plan this many workers instead of meeting a deadline"
@@ -222,7 +231,9 @@ def _register_plan(subparsers) -> None:
     p.add_argument(
         "--rate", type=float, help="images/s per vCPU (overrides --manifest and the default)"
     )
-    p.add_argument("--efficiency", type=float, help="scaling efficiency in (0, 1] (0.8)")
+    p.add_argument(
+        "--efficiency", type=float, help=f"scaling efficiency in (0, 1]{_d('plan.efficiency')}"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -380,7 +391,9 @@ def _register_emr(subparsers) -> None:
         "Without --bootstrap-uri and --package, this machine's fruitdask and the bootstrap "
         "script are staged under --staging first.",
     )
-    c.add_argument("--idle-timeout", metavar="DURATION", help="auto-terminate after (1h)")
+    c.add_argument(
+        "--idle-timeout", metavar="DURATION", help=f"auto-terminate after{_d('emr.idle-timeout')}"
+    )
     _cluster_arguments(c, one_shot=False)
     common(c)
     c.set_defaults(func=cmd_emr_create)
@@ -456,16 +469,18 @@ def _cluster_arguments(p: argparse.ArgumentParser, one_shot: bool) -> None:
             "--package", help="fruitdask for the nodes, by hand: an s3:// wheel or a pip spec"
         )
         p.add_argument("--constraints", metavar="URL", help="pip constraints, by hand")
-    p.add_argument("--release", help="EMR release label, 7.x (emr-7.9.0)")
-    p.add_argument("--primary-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    p.add_argument("--core-instance-type", metavar="TYPE", help="(m5.xlarge)")
-    p.add_argument("--core-count", type=int, help="core nodes = Dask workers (2)")
+    p.add_argument("--release", help=f"EMR release label, 7.x{_d('emr.release')}")
+    p.add_argument("--primary-instance-type", metavar="TYPE", help=_d("emr.primary-instance-type"))
+    p.add_argument("--core-instance-type", metavar="TYPE", help=_d("emr.core-instance-type"))
+    p.add_argument(
+        "--core-count", type=int, help=f"core nodes = Dask workers{_d('emr.core-count')}"
+    )
     p.add_argument("--core-spot", action="store_true", help="core nodes on spot")
-    p.add_argument("--service-role", help="EMR service role (EMR_DefaultRole)")
+    p.add_argument("--service-role", help=f"EMR service role{_d('emr.service-role')}")
     p.add_argument(
         "--instance-profile",
-        help="the nodes' instance profile (EMR_EC2_DefaultRole; `fruitdask aws iam` makes a "
-        "least-privilege one)",
+        help=f"the nodes' instance profile{_d('emr.instance-profile')}; `fruitdask aws iam` "
+        "makes a least-privilege one",
     )
     p.add_argument("--subnet-id")
     p.add_argument("--key-name", help="EC2 key pair for SSH (none by default)")
