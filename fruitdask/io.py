@@ -147,6 +147,9 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as exc:
         raise InputError(f"cannot open {url}: {one_line(exc)}") from None
+    problem = _unaddressable(_strip(path)) if s3 else None
+    if problem:  # it would list or write under another prefix than the one given
+        raise InputError(f"{url}: {problem}")
     if s3:
         # One layer of retries per request, botocore's: s3fs's own 5 around it,
         # and the task retries around those, multiplied into ~3 minutes before
