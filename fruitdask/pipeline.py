@@ -204,10 +204,18 @@ def preflight(cfg: RunConfig, stop: StopToken | None = None) -> tuple[pd.DataFra
     listed, the output checked (and kept apart from the input) and locked.
 
     Returns the listing and the locked :class:`OutputDir`; call ``out.release()``
-    if the run does not go ahead.
+    if the run does not go ahead. A ``--resume`` of another job (other settings,
+    changed input files) is refused here, not after a cluster has started.
     """
     listing = list_input(cfg)
-    return listing, lock_output(cfg, stop)
+    out = lock_output(cfg, stop)
+    if cfg.resume and out.resumable() is not None:
+        try:
+            out.resume(settings_of(cfg), listing)
+        except BaseException:
+            out.release()
+            raise
+    return listing, out
 
 
 def lock_output(cfg: RunConfig, stop: StopToken | None = None) -> OutputDir:
