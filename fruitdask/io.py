@@ -151,11 +151,30 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     if problem:  # it would list or write under another prefix than the one given
         raise InputError(f"{url}: {problem}")
     if s3:
+        _check_endpoint(options)
         # One layer of retries per request, botocore's: s3fs's own 5 around it,
         # and the task retries around those, multiplied into ~3 minutes before
         # an unreachable endpoint was reported.
         fs.retries = 1
     return fs, _strip(path)
+
+
+def _check_endpoint(options: dict[str, Any]) -> None:
+    """Refuse an S3 endpoint URL holding a user or password: S3 signs requests
+    with the key and secret, and the HTTP clients either refuse to combine the
+    two (aiohttp: 'Cannot combine AUTHORIZATION header with ... credentials
+    encoded in URL', which looked like an outage and was retried for 31 s) or
+    send them along. The message never shows the password."""
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+        "endpoint_url"
+    )
+    parsed = urlparse(str(endpoint or ""))
+    if "@" in parsed.netloc:
+        shown = f"{parsed.scheme}://***@{parsed.netloc.rsplit('@', 1)[1]}"
+        raise InputError(
+            f"--endpoint-url {shown}: an S3 endpoint URL takes no user or password "
+            "(give the credentials as key and secret, or in the environment)"
+        )
 
 
 def is_local(fs) -> bool:
