@@ -11,8 +11,10 @@ temp folder, and a tag that marks every process the run starts (orphan hunts).
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -371,3 +373,98 @@ def moto_s3():
     endpoint = f"http://127.0.0.1:{port}"
     yield MotoS3(endpoint, {"endpoint_url": endpoint, "key": "testing", "secret": "testing"})
     server.stop()
+
+
+# ---------------------------------------------------------------- a hung file system
+class HungFuse:
+    """A FUSE file system, served from a thread of this process, holding one
+    regular file ``hung.jpg`` (4 KiB) whose reads are never answered: what a
+    hung network or FUSE mount does to a reader (it waits in the kernel, where
+    no timeout reaches it). Speaks the kernel's protocol over ``/dev/fuse``
+    directly (no libfuse). Closing the device ends the blocked reads (ENOTCONN).
+    """
+
+    _IN = struct.Struct("<IIQQIIIHH")
+    _OUT = struct.Struct("<IiQ")
+    _ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
+    SIZE = 4096
+
+    def __init__(self, mountpoint: Path) -> None:
+        import ctypes
+
+        self.mountpoint = mountpoint
+        self.reads_held: list[int] = []  # READ requests left unanswered
+        self.fd = os.open("/dev/fuse", os.O_RDWR)
+        libc = ctypes.CDLL(None, use_errno=True)
+        opts = f"fd={self.fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+        if libc.mount(b"fruitdask-hung", os.fsencode(mountpoint), b"fuse", 6, opts.encode()):
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"mount fuse: {os.strerror(err)}")
+        self._libc = libc
+        self.thread = threading.Thread(target=self._serve, name="hung-fuse", daemon=True)
+        self.thread.start()
+
+    def _attr(self, node: int) -> bytes:
+        import stat
+
+        mode, size = (stat.S_IFDIR | 0o755, 0) if node == 1 else (stat.S_IFREG | 0o644, self.SIZE)
+        return self._ATTR.pack(node, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0, mode, 1,
+                               os.getuid(), os.getgid(), 0, 4096, 0)  # fmt: skip
+
+    def _reply(self, unique: int, payload: bytes = b"", error: int = 0) -> None:
+        os.write(self.fd, self._OUT.pack(self._OUT.size + len(payload), -error, unique) + payload)
+
+    def _serve(self) -> None:
+        import errno
+
+        while True:
+            try:
+                msg = os.read(self.fd, 1 << 20)
+            except OSError:  # unmounted or aborted: done
+                return
+            _, op, unique, node, *_ = self._IN.unpack_from(msg)
+            body = msg[self._IN.size :]
+            try:
+                if op == 26:  # INIT: protocol 7.26
+                    self._reply(unique, struct.pack("<IIIIHHIIHHI", 7, 26, 0, 0, 0, 0, 65536,
+                                                    1, 0, 0, 0).ljust(64, b"\0"))  # fmt: skip
+                elif op == 1:  # LOOKUP
+                    if node == 1 and body.split(b"\0", 1)[0] == b"hung.jpg":
+                        self._reply(unique, struct.pack("<QQQQII", 2, 0, 3600, 3600, 0, 0)
+                                    + self._attr(2))  # fmt: skip
+                    else:
+                        self._reply(unique, error=errno.ENOENT)
+                elif op == 3:  # GETATTR
+                    self._reply(unique, struct.pack("<QII", 3600, 0, 0) + self._attr(node))
+                elif op in (14, 27):  # OPEN, OPENDIR
+                    self._reply(unique, struct.pack("<QII", 0, 0, 0))
+                elif op == 15:  # READ: never answered
+                    self.reads_held.append(unique)
+                elif op in (2, 36, 42):  # FORGET, INTERRUPT, BATCH_FORGET: no reply
+                    pass
+                elif op in (18, 25, 29):  # RELEASE, FLUSH, RELEASEDIR
+                    self._reply(unique)
+                else:
+                    self._reply(unique, error=errno.ENOSYS)
+            except OSError:  # the request was interrupted meanwhile
+                continue
+
+    def close(self) -> None:
+        self._libc.umount2(os.fsencode(self.mountpoint), 2)  # MNT_DETACH
+        os.close(self.fd)  # aborts the connection: the held reads fail with ENOTCONN
+        self.thread.join(10)
+
+
+@pytest.fixture
+def hung_fuse(tmp_path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "hung"
+    mnt.mkdir()
+    try:
+        fs = HungFuse(mnt)
+    except OSError as exc:
+        pytest.skip(f"cannot mount a FUSE file system here: {exc}")
+    yield fs
+    fs.close()

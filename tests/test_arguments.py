@@ -142,8 +142,8 @@ def check_invocation(cli, tiny: Path, args: list[str], out: Path) -> None:
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert "Traceback" not in r.stderr, shown
     if r.returncode == 0:
-        # a warning line (a bind beyond loopback) may precede a success
-        assert all(x.startswith("warning:") for x in lines), shown
+        # notes may be printed (a bind beyond loopback, where the report is)
+        assert not [x for x in lines if "error" in x], shown
         if "--dry-run" not in args:
             assert committed_tables(str(out)) is not None, shown
     else:

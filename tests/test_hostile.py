@@ -24,6 +24,7 @@ import pytest
 
 from fruitdask import features, pipeline
 from fruitdask.config import RunConfig
+from fruitdask.errors import StorageError
 from fruitdask.output import SUCCESS
 from fruitdask.testing import committed_tables
 
@@ -295,3 +296,26 @@ def test_resume_refuses_other_settings(cli, sample_dir, tmp_path):
     assert manifest["run_id"] == run_id
     assert manifest["config"]["partition_size"] == 10
 
+
+
+# ---------------------------------------------------------------- a deadline
+def test_a_hung_read_has_a_deadline(hung_fuse, sample_dir, tmp_path, monkeypatch):
+    """A file on a file system that never answers a read (a hung NFS or FUSE
+    mount): its image gets an error row after the deadline, and the files after
+    it are still read (by a new reader: the blocked one is left in the kernel)."""
+    from fruitdask import io
+
+    root = tmp_path / "in"
+    (root / "Training" / "Fruit").mkdir(parents=True)
+    good = sorted(sample_dir.rglob("*.jpg"))[:2]
+    (root / "Training" / "Fruit" / "a.jpg").write_bytes(good[0].read_bytes())
+    os.symlink(hung_fuse.mountpoint / "hung.jpg", root / "Training" / "Fruit" / "b.jpg")
+    (root / "Training" / "Fruit" / "c.jpg").write_bytes(good[1].read_bytes())
+    listing = io.list_files(str(root))
+    assert list(listing["size"]) == [good[0].stat().st_size, hung_fuse.SIZE, good[1].stat().st_size]
+    monkeypatch.setattr(io, "LOCAL_READ_DEADLINE", 2.0)
+    got = list(io.iter_objects(str(root), list(listing["path"])))
+    assert got[0] == good[0].read_bytes() and got[2] == good[1].read_bytes()
+    assert isinstance(got[1], StorageError), got[1]
+    assert "b.jpg: read did not finish within 2 s" in str(got[1]), got[1]
+    assert hung_fuse.reads_held, "the read was never sent to the file system"
