@@ -258,7 +258,10 @@ class HostileTree:
         os.mknod(h / "becomes-socket.jpg", 0o600 | stat.S_IFSOCK)
 
     def restore_permissions(self) -> None:
-        for p in (self.root / "Training" / "Locked", self.root / "Training" / "Hostile" / "denied.jpg"):
+        for p in (
+            self.root / "Training" / "Locked",
+            self.root / "Training" / "Hostile" / "denied.jpg",
+        ):
             if p.exists():
                 p.chmod(0o755)
 

@@ -297,7 +297,6 @@ def test_resume_refuses_other_settings(cli, sample_dir, tmp_path):
     assert manifest["config"]["partition_size"] == 10
 
 
-
 # ---------------------------------------------------------------- a deadline
 def test_a_hung_read_has_a_deadline(hung_fuse, sample_dir, tmp_path, monkeypatch):
     """A file on a file system that never answers a read (a hung NFS or FUSE

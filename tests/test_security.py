@@ -16,7 +16,6 @@ the XDG cache, the working and temporary directories.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 from pathlib import Path
