@@ -417,9 +417,9 @@ class OutputDir:
     committed: str | None = None
     #: Why the cleanup after the last commit stopped short (the next one finishes it).
     cleanup_error: str | None = None
-    #: Whether :meth:`check` found no folder there (local): :meth:`abandon` removes it.
+    #: Whether :meth:`check` found no folder there (local): :meth:`release` removes
+    #: it if it is still empty (a run refused, or abandoned, after the lock).
     created: bool = False
-    abandoned: bool = False
 
     @property
     def so(self) -> dict[str, Any]:
@@ -642,8 +642,8 @@ class OutputDir:
     def abandon(self, run_id: str) -> None:
         """Delete a run that can never commit (its settings or its data are at
         fault, so ``--resume`` could not finish it either): the files its run
-        state plans and its records, then the folders left empty, the output's
-        own too when :meth:`check` found none. Nothing of any other run is touched.
+        state plans and its records, then the folders left empty (the output's
+        own goes with :meth:`release`). Nothing of any other run is touched.
         """
         state = self.state_of(run_id) or {}
         files = [f for f in state.get("files", []) if _safe(str(f))]
@@ -652,7 +652,6 @@ class OutputDir:
         io.remove([self._url(f) for f in records], self.so)
         folders = {f.rsplit("/", 1)[0] for f in files + records if "/" in f}
         io.remove_empty_folders(self.url, folders | {p for f in folders for p in _parents(f)})
-        self.abandoned = True
 
     def _state_files(self, run_id: str) -> list[str]:
         """A run's own records: its markers (the run folder is fruitdask's alone,
@@ -669,7 +668,7 @@ class OutputDir:
             self.lease.release()
             self.lease = None
             io.remove_empty_folders(self.url, [STATE_DIR])
-        if self.created and self.abandoned:
+        if self.created:
             io.remove_empty_folders(self.url, [""])  # the output folder itself, if empty
 
 
