@@ -181,6 +181,7 @@ _count = itertools.count()
         ["--storage-option=s3_client=bogus"],
         ["--workers=0"],
         ["--n-components=32", "--nfeatures=1"],  # too few descriptors: found mid-run
+        ["--cluster=tcp://127.0.0.1:1", "--connect-timeout=1"],  # after the output's lock
     ],
     ids=lambda a: " ".join(a),
 )
