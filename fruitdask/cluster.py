@@ -131,6 +131,8 @@ def check_address(value: Any, what: str, port: bool) -> str | None:
         except OSError:
             raise InputError(f"{what}: cannot resolve {host!r}") from None
     _check_bindable(host.strip("[]"), what)
+    if not port and ":" in host and not host.startswith("["):
+        return f"[{host}]"  # an IPv6 address: distributed needs it in brackets
     return text
 
 
