@@ -26,6 +26,7 @@ __all__ = [
     "check_address",
     "check_local",
     "check_memory_limit",
+    "check_scheduler",
     "connect",
     "dashboard_link",
     "exposure",
@@ -165,6 +166,26 @@ def exposure(spec: ClusterSpec) -> str | None:
             "authentication (the dashboard shows file names and can run code)")  # fmt: skip
 
 
+def check_scheduler(address: str) -> str:
+    """A scheduler address distributed can dial (``tcp://host:8786``), or an
+    :class:`InputError` naming it (``tcp://`` used to be an internal error)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        host, port = parse_host_port(location)
+        if not host or not 0 < int(port) <= 65535:
+            raise ValueError("expected a host and a port between 1 and 65535")
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            f"--cluster {address}: not a scheduler address like tcp://host:8786 "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+    return address
+
+
 def check_local(spec: ClusterSpec) -> ClusterSpec:
     """Validate a local cluster's options before anything starts; the spec with
     its addresses normalised."""
@@ -214,6 +235,7 @@ def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
     elif "://" in spec.kind:
         from distributed import Client
 
+        check_scheduler(spec.kind)
         try:
             client = Client(spec.kind, timeout=spec.connect_timeout)
         except (OSError, TimeoutError) as exc:

@@ -270,6 +270,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         from fruitdask.cluster import check_local
 
         spec = check_local(spec)
+    elif "://" in spec.kind:
+        from fruitdask.cluster import check_scheduler
+
+        check_scheduler(spec.kind)
     return spec
 
 
