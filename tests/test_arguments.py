@@ -183,6 +183,8 @@ _count = itertools.count()
         ["--n-components=32", "--nfeatures=1"],  # too few descriptors: found mid-run
         ["--cluster=tcp://127.0.0.1:1", "--connect-timeout=1"],  # after the output's lock
         ["--host=::1"],  # an internal error: distributed wants [::1]
+        ["--cluster=tcp://"],  # an internal error: distributed's ValueError
+        ["--cluster=foo://x:1"],
     ],
     ids=lambda a: " ".join(a),
 )
