@@ -122,6 +122,11 @@ def check_address(value: Any, what: str, port: bool) -> str | None:
             raise InputError(f"{what}: expected [host]:port, like 127.0.0.1:8787, got {text!r}")
         if not host:
             return f"127.0.0.1:{p}"
+        if ":" in host:  # distributed's dashboard splits the address on ':'
+            raise InputError(
+                f"{what} {text}: an IPv6 address is not supported here; "
+                f"give an IPv4 one, like 127.0.0.1:{p}"
+            )
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
