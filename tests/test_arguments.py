@@ -185,6 +185,7 @@ _count = itertools.count()
         ["--host=::1"],  # an internal error: distributed wants [::1]
         ["--cluster=tcp://"],  # an internal error: distributed's ValueError
         ["--cluster=foo://x:1"],
+        ["--dashboard-address=[::1]:0"],  # an internal error: distributed splits on ':'
     ],
     ids=lambda a: " ".join(a),
 )
@@ -199,7 +200,7 @@ def test_drawn_arguments(cli, tiny, tmp_path, args):
 
 
 @pytest.mark.slow
-@_examples(150, derandomize=False)
+@_examples(100, derandomize=False)
 @given(args=command_lines())
 def test_drawn_arguments_many(cli, tiny, tmp_path, args):
     check_invocation(cli, tiny, args, tmp_path / f"out-{next(_count)}")
