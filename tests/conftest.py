@@ -405,6 +405,7 @@ class HungFuse:
             os.close(self.fd)
             raise OSError(err, f"mount fuse: {os.strerror(err)}")
         self._libc = libc
+        self._stop_r, self._stop_w = os.pipe()
         self.thread = threading.Thread(target=self._serve, name="hung-fuse", daemon=True)
         self.thread.start()
 
@@ -420,11 +421,17 @@ class HungFuse:
 
     def _serve(self) -> None:
         import errno
+        import select
 
         while True:
+            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
             try:
                 msg = os.read(self.fd, 1 << 20)
             except OSError:  # unmounted or aborted: done
+                return
+            if len(msg) < self._IN.size:
                 return
             _, op, unique, node, *_ = self._IN.unpack_from(msg)
             body = msg[self._IN.size :]
@@ -454,9 +461,12 @@ class HungFuse:
                 continue
 
     def close(self) -> None:
+        os.write(self._stop_w, b"x")  # the server leaves (no read of the device in flight)
+        self.thread.join()
+        os.close(self.fd)  # the last handle: the connection aborts, held reads get ENOTCONN
         self._libc.umount2(os.fsencode(self.mountpoint), 2)  # MNT_DETACH
-        os.close(self.fd)  # aborts the connection: the held reads fail with ENOTCONN
-        self.thread.join(10)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
 
 
 @pytest.fixture
