@@ -136,6 +136,11 @@ def check_address(value: Any, what: str, port: bool) -> str | None:
             raise InputError(f"{what}: expected [host]:port, like 127.0.0.1:8787, got {text!r}")
         if not host:
             return f"127.0.0.1:{p}"
+        if ":" in host:  # distributed's dashboard splits the address on ':'
+            raise InputError(
+                f"{what} {text}: an IPv6 address is not supported here; "
+                f"give an IPv4 one, like 127.0.0.1:{p}"
+            )
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -146,6 +151,8 @@ def check_address(value: Any, what: str, port: bool) -> str | None:
         except OSError:
             raise InputError(f"{what}: cannot resolve {host!r}") from None
     _check_bindable(host.strip("[]"), what)
+    if not port and ":" in host and not host.startswith("["):
+        return f"[{host}]"  # an IPv6 address: distributed needs it in brackets
     return text
 
 
@@ -179,18 +186,29 @@ def exposure(spec: ClusterSpec) -> str | None:
 
 
 def check_scheduler(spec: ClusterSpec) -> None:
-    """A scheduler address that answers one TCP connection, checked before the
-    input is listed (so a typo is one line, at once)."""
-    from urllib.parse import urlparse
+    """A scheduler address distributed can dial (``tcp://host:8786``) and that
+    answers one TCP connection, checked before the input is listed: a typo is
+    one line, at once (``tcp://`` alone used to be an internal error)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
 
-    parsed = urlparse(spec.kind)
-    if not parsed.hostname or not parsed.port:
-        raise InputError(f"--cluster {spec.kind}: expected an address like tcp://host:8786")
+    address = spec.kind
     try:
-        socket.create_connection((parsed.hostname, parsed.port), spec.connect_timeout).close()
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        host, port = parse_host_port(location)
+        if not host or not 0 < int(port) <= 65535:
+            raise ValueError("expected a host and a port between 1 and 65535")
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            f"--cluster {address}: not a scheduler address like tcp://host:8786 "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), spec.connect_timeout).close()
     except OSError as exc:
         raise ClusterError(
-            f"cannot reach the Dask scheduler at {spec.kind}: {exc.strerror or exc}"
+            f"cannot reach the Dask scheduler at {address}: {exc.strerror or exc}"
         ) from None
 
 
@@ -243,6 +261,7 @@ def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
     elif "://" in spec.kind:
         from distributed import Client
 
+        check_scheduler(spec.kind)
         try:
             client = Client(spec.kind, timeout=spec.connect_timeout)
         except (OSError, TimeoutError) as exc:

@@ -16,14 +16,17 @@ pays, a custom botocore config). The fruitdask-only option
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io as _io
 import json
 import os
 import posixpath
+import queue
 import socket
 import stat
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +40,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from fruitdask.errors import (
+    AccessDeniedError,
     FruitdaskError,
     InputError,
     NotFoundError,
@@ -143,12 +147,34 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
         fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as exc:
         raise InputError(f"cannot open {url}: {one_line(exc)}") from None
+    problem = _unaddressable(_strip(path)) if s3 else None
+    if problem:  # it would list or write under another prefix than the one given
+        raise InputError(f"{url}: {problem}")
     if s3:
+        _check_endpoint(options)
         # One layer of retries per request, botocore's: s3fs's own 5 around it,
         # and the task retries around those, multiplied into ~3 minutes before
         # an unreachable endpoint was reported.
         fs.retries = 1
     return fs, _strip(path)
+
+
+def _check_endpoint(options: dict[str, Any]) -> None:
+    """Refuse an S3 endpoint URL holding a user or password: S3 signs requests
+    with the key and secret, and the HTTP clients either refuse to combine the
+    two (aiohttp: 'Cannot combine AUTHORIZATION header with ... credentials
+    encoded in URL', which looked like an outage and was retried for 31 s) or
+    send them along. The message never shows the password."""
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+        "endpoint_url"
+    )
+    parsed = urlparse(str(endpoint or ""))
+    if "@" in parsed.netloc:
+        shown = f"{parsed.scheme}://***@{parsed.netloc.rsplit('@', 1)[1]}"
+        raise InputError(
+            f"--endpoint-url {shown}: an S3 endpoint URL takes no user or password "
+            "(give the credentials as key and secret, or in the environment)"
+        )
 
 
 def is_local(fs) -> bool:
@@ -263,7 +289,8 @@ def _find_local(root: str) -> tuple[list[tuple[str, int, int]], list[tuple[str, 
     file (~90 us each, 8 s for Fruits-360); this is ~10x cheaper. Symlinked
     folders are not followed (no cycles). An entry with an image name that is
     not a regular file (a FIFO, a socket, a device, a symlink loop or a broken
-    link) is listed with size 0: reading it gives its image an error row.
+    link) is listed with size 0: reading it gives its image an error row. So is
+    a sub-folder that cannot be listed, as ``its/path/`` (its read says why).
     """
     out: list[tuple[str, int, int]] = []
     unlisted: list[tuple[str, str]] = []
@@ -276,6 +303,7 @@ def _find_local(root: str) -> tuple[list[tuple[str, int, int]], list[tuple[str, 
             if not rel_dir:
                 raise
             unlisted.append((rel_dir.rstrip("/"), one_line(exc)))
+            out.append((rel_dir, 0, 0))
             continue
         with it:
             for e in it:
@@ -426,19 +454,36 @@ def _unaddressable(key: str) -> str | None:
     return None
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | _CLOEXEC
+# Linux: look at what a name is (O_PATH opens nothing) before opening it, so a
+# link to a device is refused without opening the device (opening one can act:
+# a watchdog arms, a tape rewinds); the file is then reopened through
+# /proc/self/fd, the same inode, so it cannot be swapped in between.
+_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
+
+
 def _open_local(path: str | bytes, max_bytes: int | None) -> bytes:
-    """A local file's bytes, refusing what is not a regular file without blocking."""
+    """A local file's bytes, refusing what is not a regular file without
+    opening it (Linux) and without blocking (``O_NONBLOCK``: a FIFO swapped in)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        if _O_PATH:
+            handle = os.open(path, _O_PATH | _CLOEXEC)
+            try:
+                st = os.fstat(handle)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _not_regular(path, st)
+                fd = os.open(f"/proc/self/fd/{handle}", _READ_FLAGS)
+            finally:
+                os.close(handle)
+        else:
+            fd = os.open(path, _READ_FLAGS)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP
-            raise StorageError(f"{display_name(path)}: symbolic link loop") from None
-        raise
+        raise _open_error(path, exc) from None
     with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise StorageError(f"{display_name(path)}: not a regular file ({kind})")
+            raise _not_regular(path, st)
         if max_bytes is not None and st.st_size > max_bytes:
             raise StorageError(_too_large(st.st_size, max_bytes))
         limit = -1 if max_bytes is None else max_bytes + 1
@@ -448,6 +493,17 @@ def _open_local(path: str | bytes, max_bytes: int | None) -> bytes:
         return data
 
 
+def _not_regular(path: str | bytes, st: os.stat_result) -> StorageError:
+    shown = display_name(path)
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.close(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC))
+        except OSError as exc:
+            why = (exc.strerror or one_line(exc)).lower()
+            return StorageError(f"{shown}: a folder that cannot be listed ({why})")
+    return StorageError(f"{shown}: not a regular file ({_kind_of(st)})")
+
+
 _FILE_KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFSOCK: "a socket",
@@ -455,6 +511,83 @@ _FILE_KINDS = {
     stat.S_IFBLK: "a block device",
     stat.S_IFDIR: "a folder",
 }
+
+
+def _kind_of(st: os.stat_result) -> str:
+    return _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+
+
+def _open_error(path: str | bytes, exc: OSError) -> FruitdaskError:
+    """A failed ``open`` in words that name what the entry is: a symbolic link
+    loop, a broken link, a socket (``ENXIO``), a folder that cannot be listed."""
+    shown = display_name(path)
+    if exc.errno == errno.ELOOP:
+        return StorageError(f"{shown}: symbolic link loop")
+    try:
+        st = os.stat(path)
+    except OSError:
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return NotFoundError(f"{shown}: broken symbolic link (its target does not exist)")
+        return translate(exc, shown)
+    if not stat.S_ISREG(st.st_mode):
+        return _not_regular(path, st)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return AccessDeniedError(f"{shown}: permission denied")
+    return translate(exc, shown)
+
+
+#: Seconds a task waits for one local file (a hung network or FUSE file system
+#: blocks a read in the kernel, where no timeout reaches it): the file gets an
+#: error row and the reads go on in a new thread; the blocked one is abandoned.
+LOCAL_READ_DEADLINE = 60.0
+#: Local files read ahead of the consumer (decoding overlaps the reads).
+_LOCAL_AHEAD = 8
+
+
+def _read_one(path: bytes, max_bytes: int | None) -> bytes | FruitdaskError:
+    try:
+        return _open_local(path, max_bytes)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the partition
+        return translate(exc, display_name(path))
+
+
+def _local_reader(paths, max_bytes, results, room, stop) -> None:
+    for path in paths:
+        room.acquire()
+        if stop.is_set():
+            return
+        results.put(_read_one(path, max_bytes))
+
+
+def _iter_local(
+    paths: list[bytes], max_bytes: int | None, deadline: float
+) -> Iterator[bytes | FruitdaskError]:
+    """The files' bytes in order, read ahead by a thread; a file not read within
+    ``deadline`` seconds is yielded as an error and a new thread reads the rest."""
+    i = 0
+    while i < len(paths):
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        room = threading.Semaphore(_LOCAL_AHEAD)
+        stop = threading.Event()
+        threading.Thread(target=_local_reader, args=(paths[i:], max_bytes, results, room, stop),
+                         name="fruitdask-read", daemon=True).start()  # fmt: skip
+        try:
+            while i < len(paths):
+                try:
+                    item = results.get(timeout=deadline)
+                except queue.Empty:
+                    yield StorageError(
+                        f"{display_name(paths[i])}: read did not finish within "
+                        f"{deadline:g} s (a hung file system?)"
+                    )
+                    i += 1
+                    break  # that reader is stuck in the kernel: leave it, start another
+                room.release()
+                yield item
+                i += 1
+        finally:
+            stop.set()
+            room.release(_LOCAL_AHEAD + 1)  # a reader waiting for room wakes and leaves
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -483,12 +616,11 @@ def iter_objects(
     fs, root = filesystem(url, storage_options)
     if is_local(fs):
         broot = os.fsencode(root)
-        for name in names:
-            full = os.path.join(broot, name if isinstance(name, bytes) else os.fsencode(name))
-            try:
-                yield _open_local(full, max_bytes)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the partition
-                yield translate(exc, display_name(full))
+        paths = [
+            os.path.join(broot, name if isinstance(name, bytes) else os.fsencode(name))
+            for name in names
+        ]
+        yield from _iter_local(paths, max_bytes, LOCAL_READ_DEADLINE)
         return
     keys = [n.decode() if isinstance(n, bytes) else n for n in names]
     arrow = _arrow_s3(root, storage_options) if is_s3(url) else None

@@ -426,6 +426,9 @@ class OutputDir:
     committed: str | None = None
     #: Why the cleanup after the last commit stopped short (the next one finishes it).
     cleanup_error: str | None = None
+    #: Whether :meth:`check` found no folder there (local): :meth:`release` removes
+    #: it if it is still empty (a run refused, or abandoned, after the lock).
+    created: bool = False
 
     @property
     def so(self) -> dict[str, Any]:
@@ -458,6 +461,7 @@ class OutputDir:
             check_apart(self.url, {what: url}, self.so, iso)
         entries = set(io.ls(self.url, self.so))
         if not entries:
+            self.created = not io.exists(self.url, self.so)
             return "empty"
         committed = read_committed(self.url, self.so)
         if not entries & _MARKS:
@@ -644,6 +648,20 @@ class OutputDir:
         parents = {p for f in folders for p in _parents(f)}
         io.remove_empty_folders(self.url, folders | parents)
 
+    def abandon(self, run_id: str) -> None:
+        """Delete a run that can never commit (its settings or its data are at
+        fault, so ``--resume`` could not finish it either): the files its run
+        state plans and its records, then the folders left empty (the output's
+        own goes with :meth:`release`). Nothing of any other run is touched.
+        """
+        state = self.state_of(run_id) or {}
+        files = [f for f in state.get("files", []) if _safe(str(f))]
+        records = self._state_files(run_id)
+        io.remove([self._url(f) for f in files], self.so)
+        io.remove([self._url(f) for f in records], self.so)
+        folders = {f.rsplit("/", 1)[0] for f in files + records if "/" in f}
+        io.remove_empty_folders(self.url, folders | {p for f in folders for p in _parents(f)})
+
     def _state_files(self, run_id: str) -> list[str]:
         """A run's own records: its markers (the run folder is fruitdask's alone,
         named by its random id, so listing it finds nothing of anyone else's)."""
@@ -659,6 +677,8 @@ class OutputDir:
             self.lease.release()
             self.lease = None
             io.remove_empty_folders(self.url, [STATE_DIR])
+        if self.created:
+            io.remove_empty_folders(self.url, [""])  # the output folder itself, if empty
 
 
 def listing_changes(before: pd.DataFrame, now: pd.DataFrame) -> str:

@@ -166,6 +166,8 @@ class Job:
     #: makes task keys unique to this invocation: a --resume in the same client
     #: after a failure must not meet the failed attempt's cancelled keys
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    #: whether this continues an interrupted run (``--resume``)
+    resumed: bool = False
 
     @property
     def chunks(self) -> list[pd.DataFrame]:
@@ -211,7 +213,15 @@ def run(
         with timer("extract"):
             parts, summaries = extract(client, job, progress, stop)
         with timer("pca_fit"):
-            model, total = fit_pca(client, job, parts, summaries, stop)
+            try:
+                model, total = fit_pca(client, job, parts, summaries, stop)
+            except InputError:
+                # too few descriptors for the PCA: the same settings on the same
+                # files can never commit, so nothing of this run may stay behind
+                if not job.resumed:
+                    client.cancel(parts)
+                    out.abandon(job.run.run_id)
+                raise
         with timer("transform_write"):
             write_features(client, job, parts, model, progress, stop)
         with timer("publish"):
@@ -235,7 +245,8 @@ def preflight(cfg: RunConfig, stop: StopToken | None = None) -> tuple[pd.DataFra
     listed, the output checked (and kept apart from the input) and locked.
 
     Returns the listing and the locked :class:`OutputDir`; call ``out.release()``
-    if the run does not go ahead.
+    if the run does not go ahead. A ``--resume`` of another job (other settings,
+    changed input files) is refused here, not after a cluster has started.
     """
     listing = list_input(cfg)
     out = lock_output(cfg, stop)
@@ -275,7 +286,7 @@ def begin(cfg: RunConfig, out: OutputDir, listing: pd.DataFrame, threads: int) -
         else:
             run, state = out.resume(settings_of(cfg), listing)
             ranges = [(int(a), int(b)) for a, b in state["partitions"]]
-            job = Job(cfg, out, listing, run, ranges)
+            job = Job(cfg, out, listing, run, ranges, resumed=True)
             job.done = run.done(len(ranges))
             return job
     ranges = plan(listing, cfg.partition_size, threads)

@@ -197,8 +197,9 @@ def _long_path(root: Path) -> str:
 
 def write_corpus(root: Path, good: bytes) -> dict[str, tuple[str, str | None, bytes]]:
     """Write the hostile files under ``root``; returns path-in-output -> (status, reason,
-    bytes). Also makes things that must NOT be listed (a FIFO, a dangling link, a
-    symlink loop)."""
+    bytes). Entries named like images that are not files (a FIFO, a dangling link)
+    get error rows naming what they are; a symlink to a folder and a file with
+    another extension are not listed."""
     expected: dict[str, tuple[str, str | None, bytes]] = {}
     for rel, (blob, status, reason) in hostile_files(good).items():
         p = root / rel
@@ -222,9 +223,12 @@ def write_corpus(root: Path, good: bytes) -> dict[str, tuple[str, str | None, by
     # a file that cannot be read (a link to a kernel file that refuses reads at 0)
     os.symlink("/proc/self/mem", root / "Training" / "Hostile" / "unreadable.jpg")
     expected["Training/Hostile/unreadable.jpg"] = ("error", "read", b"")
-    # not files: must not be listed, must not block the run
+    # not files: an error row each, naming what it is, and never blocking the run
     os.mkfifo(root / "Training" / "Hostile" / "fifo.jpg")
+    expected["Training/Hostile/fifo.jpg"] = ("error", "FIFO", b"")
     os.symlink(root / "nowhere.jpg", root / "Training" / "Hostile" / "dangling.jpg")
+    expected["Training/Hostile/dangling.jpg"] = ("error", "broken symbolic link", b"")
+    # not listed: a link to a folder (never followed: no cycles), another extension
     os.symlink("..", root / "Training" / "Hostile" / "loop")
     (root / "Training" / "Hostile" / "notes.txt").write_text("not an image extension")
     return expected
@@ -335,6 +339,44 @@ def test_file_vanishing_after_listing(sample_dir, dask_client, tmp_path):
     assert gone["status"] == "error" and "not found" in gone["error"], gone
     assert got[victims[1].relative_to(src).as_posix()]["status"] == "error"
     assert s.images == len(listing) and s.images_error == 2
+
+
+def test_escaped_names_stay_distinct(sample_dir, dask_client, tmp_path):
+    """A folder whose name is not UTF-8 (``caf\\xe9`` in Latin-1) and one literally
+    named ``caf\\xe9`` (a backslash, then ``xe9``) are two folders: each image gets
+    its own row, and each row's descriptors are its own file's (a display name is
+    one-to-one, the backslash is escaped too)."""
+    src = tmp_path / "in"
+    shutil.copytree(sample_dir, src)
+    first, second = sorted(sample_dir.rglob("*.jpg"))[:2]
+    latin1 = os.path.join(os.fsencode(src), b"Training", b"caf\xe9")
+    literal = src / "Training" / "caf\\xe9"
+    os.makedirs(latin1)
+    literal.mkdir()
+    with open(os.path.join(latin1, b"pomme.jpg"), "wb") as f:
+        f.write(first.read_bytes())
+    (literal / "pomme.jpg").write_bytes(second.read_bytes())
+    out = tmp_path / "out"
+    pipeline.run(RunConfig(input=str(src), output=str(out)), dask_client)
+    rows = _rows(str(out), "images")
+    got = {r["path"]: r for r in rows}
+    assert len(got) == len(rows)  # no two rows share a path
+    shown = {
+        "Training/caf\\xe9/pomme.jpg": first.read_bytes(),  # the Latin-1 byte, escaped
+        "Training/caf\\\\xe9/pomme.jpg": second.read_bytes(),  # the backslash, escaped
+    }
+    assert io.display_name(os.path.join(b"Training", b"caf\xe9", b"pomme.jpg")) in shown
+    assert io.display_name("Training/caf\\xe9/pomme.jpg") in shown
+    desc = _descriptors(str(out))
+    for path, blob in shown.items():
+        assert got[path]["status"] == "ok", got[path]
+        assert got[path]["label"] == path.split("/")[1]
+        ref = features.extract(blob)
+        assert got[path]["n_keypoints"] == len(ref.descriptors)
+        mine = sorted(d for p, _, d in desc.elements() if p == path)
+        assert mine == sorted(bytes(d) for d in ref.descriptors), path
+    assert sorted(d for p, _, d in desc.elements() if p in shown) != []
+    assert first.read_bytes() != second.read_bytes()
 
 
 # ---------------------------------------------------------------- S3

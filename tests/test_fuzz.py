@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 N_MUTATED = 600
 N_RANDOM = 150
 # A worker's memory must survive any input: a decode may take what max_pixels
@@ -200,14 +199,13 @@ def fuzz_main(state_dir: str, n_mutated: int, n_random: int) -> None:
 
 
 # ---------------------------------------------------------------- parent side
-def _child(tmp_path: Path, *args: str, timeout: float = 540) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+def _child(cli, tmp_path: Path, *args: str, timeout: float = 540) -> subprocess.CompletedProcess:
+    """This file as a script in a child process, with the CLI runs' environment."""
     try:
         return subprocess.run(
             [sys.executable, __file__, str(tmp_path), *args],
             cwd=tmp_path,
-            env=env,
+            env=cli.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -229,8 +227,8 @@ def _verdict(r: subprocess.CompletedProcess, tmp_path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_fuzz_extract_in_a_child_process(tmp_path):
-    result = _verdict(_child(tmp_path, str(N_MUTATED), str(N_RANDOM)), tmp_path)
+def test_fuzz_extract_in_a_child_process(cli, tmp_path):
+    result = _verdict(_child(cli, tmp_path, str(N_MUTATED), str(N_RANDOM)), tmp_path)
     counts = result["counts"]
     total = sum(v for k, v in counts.items() if k in ("ok", "no_keypoints", "error"))
     assert total >= N_MUTATED + N_RANDOM  # every case classified (hypothesis may add a few)
@@ -240,9 +238,9 @@ def test_fuzz_extract_in_a_child_process(tmp_path):
     assert result["memory_hogs"] == [], result
 
 
-def test_the_harness_reports_a_crash(tmp_path):
+def test_the_harness_reports_a_crash(cli, tmp_path):
     """Self-check: a segfault in the child is a clear failure, with the input kept."""
-    r = _child(tmp_path, "crash", timeout=120)
+    r = _child(cli, tmp_path, "crash", timeout=120)
     assert r.returncode == -signal.SIGSEGV
     assert (tmp_path / "current.bin").read_bytes() == b"crash input"
     with pytest.raises(pytest.fail.Exception, match="SIGSEGV"):
