@@ -261,7 +261,7 @@ def connect(spec: ClusterSpec) -> Iterator[tuple[Any, float]]:
     elif "://" in spec.kind:
         from distributed import Client
 
-        check_scheduler(spec.kind)
+        check_scheduler(spec)
         try:
             client = Client(spec.kind, timeout=spec.connect_timeout)
         except (OSError, TimeoutError) as exc:
