@@ -1,0 +1,456 @@
+"""`fruitdask run` from S3 against request latency: loose objects and packed shards.
+
+    python benchmarks/s3_latency.py [--images 5000] [--delays 0,20,50] [--repeat 3]
+                                    [--variant NAME[:VAR=VALUE,...]] ... [--out DIR]
+
+SeaweedFS on loopback (``fruitdask.testing.S3Server``, the server the tests use)
+answers a small GET in ~1 ms; real S3 takes tens of milliseconds. Here every
+request goes through ``fruitdask.testing.LatencyProxy``, which holds each HTTP
+request for ``--delays`` milliseconds (0 included: the proxy's own cost is in
+every rate, so the ratios measure latency alone). The input is N generated
+images uploaded as loose objects, and the same packed into Parquet shards by
+``fruitdask pack`` (S3 to S3, through the proxy, so its requests are counted).
+
+Each round starts a local cluster (fruitdask's default layout) per variant,
+warms it with a small run, then runs ``fruitdask.pipeline.run`` S3 -> local
+disk for every delay and input, the delays' order rotating from round to
+round. A variant sets environment variables for its workers (e.g.
+``--variant fixed:FRUITDASK_FETCH=fixed``); the default is one variant, as
+the code is. Prints images/s per input, variant and delay (median of the
+rounds, and its ratio to 0 ms), the requests each run made, and what S3
+would charge for them at the size of Fruits-360 (90,483 images). Writes
+``results.json`` and ``results.png`` to ``--out`` (default: a fresh folder
+under ``bench-results/``, which git ignores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FRUITS_360 = 90_483
+
+#: Amazon S3 Standard request prices, USD per 1,000 requests, from
+#: https://aws.amazon.com/s3/pricing/ ("Requests & data retrievals", S3 Standard):
+#: "PUT, COPY, POST, LIST requests" $0.005 and "GET, SELECT, and all other requests"
+#: $0.0004 (HEAD is one of the "other" requests), the same in US East (N. Virginia)
+#: us-east-1 and Europe (Ireland) eu-west-1. These prices have stood since 2018;
+#: last checked against the page in 2025 (this machine is offline: re-check
+#: before quoting). DELETE is free; data transfer within the region is free.
+S3_PRICES = {
+    "us-east-1": {"tier1": 0.005, "tier2": 0.0004},
+    "eu-west-1": {"tier1": 0.005, "tier2": 0.0004},
+}
+PRICES_AS_OF = "2025"
+TIER1 = ("PUT", "POST", "COPY", "LIST")
+
+
+def s3_operation(method: str, target: str) -> str:
+    """The S3 operation (as billed) of an HTTP request: LIST, GET, HEAD, PUT, ..."""
+    path, _, query = target.partition("?")
+    params = {p.split("=", 1)[0] for p in query.split("&") if p}
+    if method == "GET" and ("list-type" in params or "prefix" in params or "delimiter" in params):
+        return "LIST"
+    return method
+
+
+class RequestLog:
+    """Counts the proxy's requests by S3 operation, into the current bucket."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __call__(self, method: str, target: str) -> None:
+        with self.lock:
+            self.counts[s3_operation(method, target)] += 1
+
+    def take(self) -> dict[str, int]:
+        with self.lock:
+            out = dict(self.counts)
+            self.counts.clear()
+        return out
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assigns = text.partition(":")
+    env = {}
+    for a in filter(None, assigns.split(",")):
+        k, sep, v = a.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: expected NAME:VAR=VALUE,...")
+        env[k] = v
+    return name, env
+
+
+class _env:
+    """Environment variables set while a cluster starts (workers inherit them)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.old = env, {}
+
+    def __enter__(self) -> None:
+        for k, v in self.env.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def packed_partitions(
+    n: int, threads: int, shard_size: int = 5000, row_group: int = 250, partition_size: int = 1000
+) -> int:
+    """How many tasks ``run`` makes of a pack of ``n`` images (pack's and run's own plans)."""
+    import pandas as pd
+
+    from fruitdask import pack, pipeline
+
+    shard, group = [], []
+    for i, (a, b) in enumerate(pack.plan_shards(n, shard_size, threads)):
+        shard += [str(i)] * (b - a)
+        group += [j // row_group for j in range(b - a)]
+    listing = pd.DataFrame({"shard": shard, "row_group": group})
+    return len(pipeline.plan_packed_partitions(listing, partition_size))
+
+
+def request_costs(runs: list[dict], n: int, pack_requests: dict, threads: int) -> dict:
+    """Requests of ``pack`` and of ``run`` (loose vs packed), scaled to Fruits-360.
+
+    Measured at ``n`` images, then scaled by what each count follows: LIST by the
+    listing's pages (1,000 keys each; other LISTs stay), pack's PUTs by its shards
+    (the 3 small files stay), a packed run's requests by its tasks, and every
+    other count by the images.
+    """
+    import numpy as np
+
+    from fruitdask import pack
+
+    f = FRUITS_360
+    pages = (math.ceil(n / 1000), math.ceil(f / 1000))
+    shards = (len(pack.plan_shards(n, 5000, threads)), len(pack.plan_shards(f, 5000, threads)))
+    tasks = (packed_partitions(n, threads), packed_partitions(f, threads))
+
+    def median(rows: list[dict]) -> dict[str, float]:
+        return {
+            k: float(np.median([r.get(k, 0) for r in rows])) for k in {k for r in rows for k in r}
+        }
+
+    def scale(counts: dict[str, float], job: str) -> dict[str, int]:
+        out = {}
+        for op, c in counts.items():
+            if op == "LIST" and c >= pages[0]:
+                out[op] = c - pages[0] + pages[1]
+            elif op == "PUT" and job == "pack":
+                out[op] = c - shards[0] + shards[1]
+            elif job == "run, packed":
+                out[op] = c * tasks[1] / tasks[0]
+            else:
+                out[op] = c * f / n
+        return {k: round(v) for k, v in sorted(out.items())}
+
+    measured = {
+        "pack": dict(pack_requests),
+        "run, loose": median([r["requests"] for r in runs if r["input"] == "loose"]),
+        "run, packed": median([r["requests"] for r in runs if r["input"] == "packed"]),
+    }
+    scaled = {job: scale(c, job) for job, c in measured.items()}
+    usd = {}
+    for job, counts in scaled.items():
+        t1 = sum(v for k, v in counts.items() if k in TIER1)
+        t2 = sum(v for k, v in counts.items() if k not in TIER1 and k != "DELETE")
+        usd[job] = {
+            region: round(t1 / 1000 * p["tier1"] + t2 / 1000 * p["tier2"], 4)
+            for region, p in S3_PRICES.items()
+        }
+    return {
+        "measured_at_images": n,
+        "measured": measured,
+        "images": f,
+        "shards": shards,
+        "packed_run_tasks": tasks,
+        "scaled": scaled,
+        "usd": usd,
+    }
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    styles = {"loose": "o-", "packed": "s--"}
+    for key in sorted({(s["variant"], s["input"]) for s in summary}):
+        pts = sorted(
+            (s for s in summary if (s["variant"], s["input"]) == key), key=lambda s: s["delay_ms"]
+        )
+        x = [s["delay_ms"] for s in pts]
+        label = f"{key[1]}" + (f" ({key[0]})" if key[0] != "default" else "")
+        err = [
+            [s["images_per_s"] - s["min"] for s in pts],
+            [s["max"] - s["images_per_s"] for s in pts],
+        ]
+        ax.errorbar(
+            x,
+            [s["images_per_s"] for s in pts],
+            yerr=err,
+            fmt=styles.get(key[1], "o-"),
+            capsize=3,
+            label=label,
+        )
+        rx.plot(x, [100 * s["ratio"] for s in pts], styles.get(key[1], "o-"), label=label)
+    ax.set_xlabel("added latency per request (ms)")
+    ax.set_ylabel("images/s (median; bars: min-max)")
+    ax.set_title("Throughput of fruitdask run")
+    ax.set_ylim(bottom=0)
+    for goal, what in ((95, "packed"), (75, "loose")):
+        rx.axhline(goal, color="grey", lw=0.8, ls=":")
+        rx.annotate(f"goal at 20 ms, {what}: {goal}%", (1, goal), xycoords=("axes fraction", "data"),
+                    xytext=(-4, -10), textcoords="offset points", ha="right", fontsize=8, color="grey")  # fmt: skip
+    rx.set_xlabel("added latency per request (ms)")
+    rx.set_ylabel("% of the 0 ms rate")
+    rx.set_title("Relative to no added latency")
+    rx.set_ylim(0, 110)
+    for a in (ax, rx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+        a.set_xticks(sorted({s["delay_ms"] for s in summary}))
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--delays", default="0,20,50", help="ms added per request (default 0,20,50)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--inputs", default="loose,packed")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[:VAR=VALUE,...]")
+    ap.add_argument(
+        "--workers", type=int, help="worker processes of one thread (default: fruitdask's layout)"
+    )
+    ap.add_argument("--out", type=Path, help="folder for results.json and results.png")
+    args = ap.parse_args(argv)
+
+    from fruitdask import pack, pipeline, sample
+    from fruitdask.cluster import ClusterSpec, connect
+    from fruitdask.config import RunConfig
+    from fruitdask.testing import LatencyProxy, S3Server
+
+    delays = [int(d) for d in args.delays.split(",")]
+    inputs = [i for i in args.inputs.split(",") if i]
+    variants = [_variant(v) for v in args.variant] or [("default", {})]
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or REPO / "bench-results" / f"s3-latency-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = None if args.workers is None else 1
+    spec = ClusterSpec(workers=args.workers, threads_per_worker=threads, dashboard_address=":0")
+
+    data = Path(tempfile.gettempdir()) / f"fruitdask-bench-{args.images}"
+    sample.generate_total(data, args.images, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="fruitdask-s3latency-"))
+    server = S3Server(work / "weed")
+    server.start()
+    log = RequestLog()
+    load_start = _load()
+    try:
+        bucket = server.make_bucket()
+        t = time.perf_counter()
+        n = server.upload_tree(data, f"{bucket}/loose")
+        print(f"uploaded {n:,} objects in {time.perf_counter() - t:.1f}s; load {load_start}")
+        with LatencyProxy(("127.0.0.1", server.port), request_delay=0.0, on_request=log) as proxy:
+            so = {**server.storage_options, "endpoint_url": proxy.endpoint_url}
+            urls = {"loose": f"{bucket}/loose", "packed": f"{bucket}/packed"}
+            with connect(spec) as (client, _):
+                log.take()
+                t = time.perf_counter()
+                ps = pack.pack(urls["loose"], urls["packed"], client, so)
+                threads = sum(client.nthreads().values())
+                packed_meta = {
+                    "seconds": round(time.perf_counter() - t, 2),
+                    "shards": ps.shards,
+                    "requests": log.take(),
+                }
+            print(f"packed S3 -> S3 in {packed_meta['seconds']}s: {packed_meta['requests']}")
+            # a first class folder, to warm each new cluster (imports, connections)
+            first = sorted(p for p in (data / "Training").iterdir() if p.is_dir())[0].name
+            warm_url = f"{urls['loose']}/Training/{first}"
+
+            runs: list[dict] = []
+            for r in range(args.repeat):
+                order = delays[r % len(delays) :] + delays[: r % len(delays)]
+                for vname, env in variants:
+                    with _env(env), connect(spec) as (client, _):
+                        pipeline.preload("incremental")
+                        proxy.request_delay = 0.0
+                        pipeline.run(
+                            RunConfig(
+                                input=warm_url,
+                                output=str(work / "warm"),
+                                storage_options=so,
+                                overwrite=True,
+                            ),
+                            client,
+                        )
+                        for d in order:
+                            proxy.request_delay = d / 1000
+                            for name in inputs:
+                                out = work / f"out-{vname}-{name}-{d}-{r}"
+                                cfg = RunConfig(
+                                    input=urls[name], output=str(out), storage_options=so
+                                )
+                                log.take()
+                                load = _load()
+                                t = time.perf_counter()
+                                s = pipeline.run(cfg, client)
+                                sec = time.perf_counter() - t
+                                assert s.images == n, (s.images, n)
+                                runs.append(
+                                    {
+                                        "round": r,
+                                        "variant": vname,
+                                        "input": name,
+                                        "delay_ms": d,
+                                        "seconds": round(sec, 3),
+                                        "images_per_s": round(n / sec, 1),
+                                        "extract_images_per_s": round(n / s.timings["extract"], 1),
+                                        "partitions": s.partitions,
+                                        "timings": {k: round(v, 3) for k, v in s.timings.items()},
+                                        "requests": log.take(),
+                                        "load_before": load,
+                                    }
+                                )
+                                shutil.rmtree(out, ignore_errors=True)
+                                print(
+                                    f"  round {r} {vname:>8} {name:>6} {d:3d} ms: "
+                                    f"{n / sec:6.0f} images/s (extract {n / s.timings['extract']:5.0f}), "
+                                    f"load {load[0]}, {runs[-1]['requests']}"
+                                )
+            proxy_stats = {"connections": proxy.stats.connections, "peak": proxy.stats.peak}
+            assert proxy.errors == [], proxy.errors
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    load_end = _load()
+
+    summary = []
+    for vname, _ in variants:
+        for name in inputs:
+            base = statistics.median(
+                x["images_per_s"]
+                for x in runs
+                if (x["variant"], x["input"], x["delay_ms"]) == (vname, name, delays[0])
+            )
+            for d in delays:
+                v = [
+                    x for x in runs if (x["variant"], x["input"], x["delay_ms"]) == (vname, name, d)
+                ]
+                rates = [x["images_per_s"] for x in v]
+                summary.append(
+                    {
+                        "variant": vname,
+                        "input": name,
+                        "delay_ms": d,
+                        "images_per_s": statistics.median(rates),
+                        "min": min(rates),
+                        "max": max(rates),
+                        "extract_images_per_s": statistics.median(
+                            x["extract_images_per_s"] for x in v
+                        ),
+                        "ratio": round(statistics.median(rates) / base, 3),
+                    }
+                )
+    both = {"loose", "packed"} <= set(inputs)
+    costs = request_costs(runs, n, packed_meta["requests"], threads) if both else None
+
+    print()
+    print(f"{n:,} images, {args.repeat} rounds, load average {load_start} -> {load_end}")
+    print(f"| input | variant | {' | '.join(f'{d} ms' for d in delays)} |")
+    print(f"|---|---|{'---|' * len(delays)}")
+    for vname, _ in variants:
+        for name in inputs:
+            cells = []
+            for d in delays:
+                s = next(
+                    x
+                    for x in summary
+                    if (x["variant"], x["input"], x["delay_ms"]) == (vname, name, d)
+                )
+                cells.append(f"{s['images_per_s']:,.0f} ({100 * s['ratio']:.0f}%)")
+            print(f"| {name} | {vname} | {' | '.join(cells)} |")
+    if costs:
+        print()
+        print(
+            f"S3 requests for {FRUITS_360:,} images (measured at {n:,}, scaled), "
+            f"and their price (S3 Standard, prices of {PRICES_AS_OF}):"
+        )
+        print("| job | GET | HEAD | LIST | PUT | us-east-1 | eu-west-1 |")
+        print("|---|---|---|---|---|---|---|")
+        for what, c in costs["scaled"].items():
+            usd = costs["usd"][what]
+            print(
+                f"| {what} | {c.get('GET', 0):,} | {c.get('HEAD', 0):,} | {c.get('LIST', 0):,} | "
+                f"{c.get('PUT', 0) + c.get('POST', 0):,} | ${usd['us-east-1']:.4f} | ${usd['eu-west-1']:.4f} |"
+            )
+
+    result = {
+        "benchmark": "s3_latency",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python", "benchmarks/s3_latency.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_start": load_start,
+            "load_end": load_end,
+        },
+        "images": n,
+        "delays_ms": delays,
+        "variants": dict(variants),
+        "pack": packed_meta,
+        "proxy": proxy_stats,
+        "summary": summary,
+        "runs": runs,
+        "request_costs": costs,
+        "s3_prices_usd_per_1000": S3_PRICES,
+        "s3_prices_as_of": PRICES_AS_OF,
+    }
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    plot(
+        summary,
+        out_dir / "results.png",
+        f"{n:,} images from SeaweedFS through LatencyProxy, {args.repeat} rounds, {os.cpu_count()} CPUs; load {load_start[0]} -> {load_end[0]}",
+    )
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
