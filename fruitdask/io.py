@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from fruitdask import fetch
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LISTING_COLUMNS",
@@ -327,6 +329,14 @@ def _displayable(name: str) -> str:
 _ARROW_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "region", "client_kwargs"}
 _arrow_s3_cache: dict[str, Any] = {}
 _READ_THREADS = 16
+# Loose objects: requests in flight per task as the store's latency needs
+# (fruitdask.fetch), one window per process so a task starts where the last
+# one ended. Arrow sizes the AWS SDK's connection pool of a new S3FileSystem
+# as max(25, its IO thread pool's capacity) (s3fs.cc, ARROW-15035): 25 capped
+# a worker's requests in flight, its tasks sharing the cached filesystem.
+# FRUITDASK_FETCH=fixed: the reader as it was (16 threads), for benchmarks.
+_READ_WINDOW = fetch.Window(low=4, high=128, initial=16)
+_S3_CONNECTIONS = 256
 
 
 def _arrow_s3(root: str, options: dict[str, Any]):
@@ -374,6 +384,8 @@ def _arrow_s3(root: str, options: dict[str, Any]):
         kw["secret_key"] = options.get("secret")
         if options.get("token"):
             kw["session_token"] = options["token"]
+    if os.environ.get("FRUITDASK_FETCH") != "fixed" and pa.io_thread_count() < _S3_CONNECTIONS:
+        pa.set_io_thread_count(_S3_CONNECTIONS)  # threads start only when used
     fs = pafs.S3FileSystem(**kw)
     _arrow_s3_cache[cache_key] = fs
     return fs
@@ -395,6 +407,9 @@ def _iter_arrow(fs, full: list[str]) -> Iterator[bytes | Exception]:
                 return FileNotFoundError(path)
             return exc
 
+    if os.environ.get("FRUITDASK_FETCH") != "fixed":
+        yield from fetch.fetch_ordered(get, full, _READ_WINDOW)
+        return
     # pyarrow releases the GIL for the request: threads overlap the round trips,
     # and results are yielded in order as they arrive, so the caller's decoding
     # overlaps the rest of the downloads.
