@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -286,6 +288,33 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _timed_run(client, url: str, so: dict, work: Path, n: int, log: RequestLog) -> dict:
+    """One ``pipeline.run`` of ``url`` to a local folder (removed after): its rates and requests."""
+    from fruitdask import pipeline
+    from fruitdask.config import RunConfig
+
+    out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
+    cfg = RunConfig(input=url, output=str(out / "features"), storage_options=so)
+    log.take()
+    load = _load()
+    t = time.perf_counter()
+    with client.as_current():  # more than one client here: dask-ml's fit uses the current
+        s = pipeline.run(cfg, client)
+    sec = time.perf_counter() - t
+    requests = log.take()
+    shutil.rmtree(out, ignore_errors=True)
+    assert s.images == n, (s.images, n)
+    return {
+        "seconds": round(sec, 3),
+        "images_per_s": round(n / sec, 1),
+        "extract_images_per_s": round(n / s.timings["extract"], 1),
+        "partitions": s.partitions,
+        "timings": {k: round(v, 3) for k, v in s.timings.items()},
+        "requests": requests,
+        "load_before": load,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=5000)
@@ -304,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     from fruitdask.config import RunConfig
     from fruitdask.testing import LatencyProxy, S3Server
 
+    # a kill runs the finally blocks below (SeaweedFS is in its own session, so it
+    # would otherwise outlive the benchmark)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     delays = [int(d) for d in args.delays.split(",")]
     inputs = [i for i in args.inputs.split(",") if i]
     variants = [_variant(v) for v in args.variant] or [("default", {})]
@@ -344,54 +376,38 @@ def main(argv: list[str] | None = None) -> int:
             warm_url = f"{urls['loose']}/Training/{first}"
 
             runs: list[dict] = []
-            for r in range(args.repeat):
-                order = delays[r % len(delays) :] + delays[: r % len(delays)]
+            with contextlib.ExitStack() as clusters:
+                # one cluster per variant, all up at once, so the variants' runs of a
+                # delay follow each other within seconds (the machine's load drifts)
+                clients = {}
                 for vname, env in variants:
-                    with _env(env), connect(spec) as (client, _):
-                        pipeline.preload("incremental")
-                        proxy.request_delay = 0.0
-                        pipeline.run(
-                            RunConfig(
-                                input=warm_url,
-                                output=str(work / "warm"),
-                                storage_options=so,
-                                overwrite=True,
-                            ),
-                            client,
-                        )
+                    with _env(env):
+                        clients[vname], _ = clusters.enter_context(connect(spec))
+                pipeline.preload("incremental")
+                for client in clients.values():  # imports, connections
+                    warm = RunConfig(input=warm_url, output=str(work / "warm"),
+                                     storage_options=so, overwrite=True)  # fmt: skip
+                    with client.as_current():
+                        pipeline.run(warm, client)
+                for r in range(args.repeat):
+                    k = r % len(delays)
+                    order = [*delays[k:], *delays[:k]]
+                    names = list(clients) if r % 2 == 0 else list(clients)[::-1]
+                    for name in inputs:
                         for d in order:
                             proxy.request_delay = d / 1000
-                            for name in inputs:
-                                out = work / f"out-{vname}-{name}-{d}-{r}"
-                                cfg = RunConfig(
-                                    input=urls[name], output=str(out), storage_options=so
-                                )
-                                log.take()
-                                load = _load()
-                                t = time.perf_counter()
-                                s = pipeline.run(cfg, client)
-                                sec = time.perf_counter() - t
-                                assert s.images == n, (s.images, n)
+                            for vname in names:
                                 runs.append(
-                                    {
-                                        "round": r,
-                                        "variant": vname,
-                                        "input": name,
-                                        "delay_ms": d,
-                                        "seconds": round(sec, 3),
-                                        "images_per_s": round(n / sec, 1),
-                                        "extract_images_per_s": round(n / s.timings["extract"], 1),
-                                        "partitions": s.partitions,
-                                        "timings": {k: round(v, 3) for k, v in s.timings.items()},
-                                        "requests": log.take(),
-                                        "load_before": load,
-                                    }
+                                    _timed_run(clients[vname], urls[name], so, work, n, log)
+                                    | {"round": r, "variant": vname, "input": name, "delay_ms": d}
                                 )
-                                shutil.rmtree(out, ignore_errors=True)
+                                x = runs[-1]
                                 print(
-                                    f"  round {r} {vname:>8} {name:>6} {d:3d} ms: "
-                                    f"{n / sec:6.0f} images/s (extract {n / s.timings['extract']:5.0f}), "
-                                    f"load {load[0]}, {runs[-1]['requests']}"
+                                    f"  round {r} {name:>6} {d:3d} ms {vname:>8}: "
+                                    f"{x['images_per_s']:6.0f} images/s "
+                                    f"(extract {x['extract_images_per_s']:5.0f}), "
+                                    f"load {x['load_before'][0]}, {x['requests']}",
+                                    flush=True,
                                 )
             proxy_stats = {"connections": proxy.stats.connections, "peak": proxy.stats.peak}
             assert proxy.errors == [], proxy.errors
