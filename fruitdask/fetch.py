@@ -42,6 +42,14 @@ class Window:
     ``gain`` covers the spread of latencies: with items consumed in order, the
     consumer waits for the slowest request in the window, not the median one.
 
+    Where the store itself is the bottleneck (SeaweedFS on the same two cores)
+    requests queue there and ``L`` grows with the window, so the window grows
+    to ``high``. Measured there, 4 to 128 in flight read and decoded at the
+    same rate (380-456 images/s, within the noise), so at worst ``high``
+    costs threads and connections. Medians, not minima, because a real
+    store's latencies spread: sizing by the fastest requests would leave the
+    consumer waiting on the typical ones.
+
     One ``Window`` may serve many :func:`fetch_ordered` calls, one after the
     other or at once (it is thread-safe), so that the next call against the
     same store starts at the size the last one found.
