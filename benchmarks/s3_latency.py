@@ -1,7 +1,8 @@
 """`fruitdask run` from S3 against request latency: loose objects and packed shards.
 
     python benchmarks/s3_latency.py [--images 5000] [--delays 0,20,50] [--repeat 3]
-                                    [--variant NAME[:VAR=VALUE,...]] ... [--out DIR]
+                                    [--variant NAME[:VAR=VALUE,...]] ... [--read-path]
+                                    [--out DIR]
 
 SeaweedFS on loopback (``fruitdask.testing.S3Server``, the server the tests use)
 answers a small GET in ~1 ms; real S3 takes tens of milliseconds. Here every
@@ -11,14 +12,22 @@ every rate, so the ratios measure latency alone). The input is N generated
 images uploaded as loose objects, and the same packed into Parquet shards by
 ``fruitdask pack`` (S3 to S3, through the proxy, so its requests are counted).
 
-Each round starts a local cluster (fruitdask's default layout) per variant,
-warms it with a small run, then runs ``fruitdask.pipeline.run`` S3 -> local
-disk for every delay and input, the delays' order rotating from round to
-round. A variant sets environment variables for its workers (e.g.
-``--variant fixed:FRUITDASK_FETCH=fixed``); the default is one variant, as
-the code is. Prints images/s per input, variant and delay (median of the
-rounds, and its ratio to 0 ms), the requests each run made, and what S3
-would charge for them at the size of Fruits-360 (90,483 images). Writes
+A local cluster (fruitdask's default layout) per variant, all started at once
+and warmed with a small run; then each round runs ``fruitdask.pipeline.run``
+S3 -> local disk for every input and delay (the delays' order rotating from
+round to round), the variants back to back. A variant sets environment
+variables for its workers: ``--variant fixed:FRUITDASK_FETCH=fixed --variant
+adaptive:`` compares the 16-thread reader with ``fruitdask.fetch``; the
+default is one variant, as the code is. ``--read-path`` also times the read
+path alone, in this process: two threads (a worker's two tasks) each read
+1,000 loose objects with ``io.iter_images`` and run decode + ORB on them,
+each variant through its own proxy (its own pyarrow client), alternating.
+That has no cluster, PCA or writes in it, so it is far less noisy on a
+shared machine.
+
+Prints images/s per input, variant and delay (median of the rounds, and the
+median of the rounds' ratios to 0 ms), the requests each run made, and what
+S3 would charge for them at the size of Fruits-360 (90,483 images). Writes
 ``results.json`` and ``results.png`` to ``--out`` (default: a fresh folder
 under ``bench-results/``, which git ignores).
 """
@@ -240,14 +249,16 @@ def summarise(runs: list[dict], variants, inputs: list[str], delays: list[int]) 
     return summary
 
 
-def plot(summary: list[dict], path: Path, title: str) -> None:
-    """Throughput against latency, and both ratios to 0 ms, one line per input and variant."""
+def plot(summary: list[dict], path: Path, title: str, reads: list[dict] | None = None) -> None:
+    """Throughput against latency, and both ratios to 0 ms, one line per input and variant;
+    with ``reads``, a fourth panel for the read path alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, rx, ex) = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), constrained_layout=True)
+    (ax, px), (rx, ex) = axes
     keys = sorted({(s["variant"], s["input"]) for s in summary})
     variants = list(dict.fromkeys(s["variant"] for s in summary))  # as given: the last solid
     colours = dict(zip(keys, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
@@ -277,11 +288,27 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
             a.annotate(f"goal at 20 ms, {what}: {goal}%", (1, goal), xycoords=("axes fraction", "data"),
                        xytext=(-4, -10), textcoords="offset points", ha="right", fontsize=8, color="grey")  # fmt: skip
         a.set_ylabel("% (median of the rounds' ratios)")
-        a.set_ylim(0, 115)
-    for a in (ax, rx, ex):
+        a.set_ylim(
+            0, max(115, 10 + max(100 * s[k] for s in summary for k in ("ratio", "extract_ratio")))
+        )
+    for vname in variants:
+        pts = sorted((x for x in reads or [] if x["variant"] == vname), key=lambda x: x["delay_ms"])
+        if pts:
+            px.plot([x["delay_ms"] for x in pts], [x["images_per_s"] for x in pts], marker="o",
+                    ls="-" if vname == variants[-1] else "--", label=vname)  # fmt: skip
+            for x in pts:
+                px.annotate(f"{100 * x['ratio']:.0f}%", (x["delay_ms"], x["images_per_s"]),
+                            xytext=(4, 4), textcoords="offset points", fontsize=8)  # fmt: skip
+    px.set_title("Read path alone: 2 threads read + decode 1,000 objects each")
+    px.set_ylabel("images/s (median of rounds; labels: % of 0 ms)")
+    px.set_ylim(bottom=0)
+    if not reads:
+        px.text(0.5, 0.5, "not measured (--read-path)", ha="center", transform=px.transAxes)
+    for a in (ax, px, rx, ex):
         a.set_xlabel("added latency per request (ms)")
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
         a.set_xticks(sorted({s["delay_ms"] for s in summary}))
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=110)
@@ -315,6 +342,53 @@ def _timed_run(client, url: str, so: dict, work: Path, n: int, log: RequestLog) 
     }
 
 
+def read_path(
+    server, data: Path, bucket: str, variants, delays: list[int], rounds: int
+) -> list[dict]:
+    """The read path alone: 2 threads x 1,000 loose objects read and decoded, per variant."""
+    from fruitdask import features, io
+    from fruitdask.testing import LatencyProxy
+
+    runs: list[dict] = []
+    params = features.OrbParams()
+    with contextlib.ExitStack() as stack:
+        proxies, so = {}, {}
+        for vname, env in variants:
+            proxies[vname] = stack.enter_context(LatencyProxy(("127.0.0.1", server.port), 0.0))
+            so[vname] = {**server.storage_options, "endpoint_url": proxies[vname].endpoint_url}
+            with _env(env):  # this variant's pyarrow client is made now, with its settings
+                listing = io.list_images(f"{bucket}/loose", so[vname])
+        halves = [listing.iloc[:1000], listing.iloc[1000:2000]]
+        for r in range(rounds):
+            k = r % len(delays)
+            for d in [*delays[k:], *delays[:k]]:
+                for vname, env in variants if r % 2 == 0 else variants[::-1]:
+                    proxies[vname].request_delay = d / 1000
+
+                    def work(rows, v=vname):
+                        orb = params.create()
+                        for blob in io.iter_images(f"{bucket}/loose", rows, so[v]):
+                            features.extract(blob, params, orb)
+
+                    with _env(env):
+                        threads = [threading.Thread(target=work, args=(h,)) for h in halves]
+                        load = _load()
+                        t = time.perf_counter()
+                        for th in threads:
+                            th.start()
+                        for th in threads:
+                            th.join()
+                        sec = time.perf_counter() - t
+                    n = sum(len(h) for h in halves)
+                    runs.append({"round": r, "variant": vname, "delay_ms": d,
+                                 "images_per_s": round(n / sec, 1), "load_before": load})  # fmt: skip
+                    print(f"  read path, round {r} {d:3d} ms {vname:>8}: {n / sec:6.0f} images/s, "
+                          f"load {load[0]}", flush=True)  # fmt: skip
+        peaks = {v: p.stats.peak for v, p in proxies.items()}
+    print(f"  read path: most connections open at once, per variant: {peaks}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=5000)
@@ -325,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, help="worker processes of one thread (default: fruitdask's layout)"
     )
+    ap.add_argument("--read-path", action="store_true", help="also time the read path alone")
     ap.add_argument("--out", type=Path, help="folder for results.json and results.png")
     args = ap.parse_args(argv)
 
@@ -411,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                                 )
             proxy_stats = {"connections": proxy.stats.connections, "peak": proxy.stats.peak}
             assert proxy.errors == [], proxy.errors
+        reads = read_path(server, bucket, variants, delays, args.repeat) if args.read_path else []
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -440,6 +516,28 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{s['extract_images_per_s']:,.0f} ({100 * s['extract_ratio']:.0f}%)]"
                 )
             print(f"| {name} | {vname} | {' | '.join(cells)} |")
+    read_summary = []
+    if reads:
+        print()
+        print("read path alone (2 threads x 1,000 objects, decode + ORB), images/s, median of the")
+        print("rounds (% of 0 ms: median of the rounds' ratios):")
+        print(f"| variant | {' | '.join(f'{d} ms' for d in delays)} |")
+        print(f"|---|{'---|' * len(delays)}")
+        for vname, _ in variants:
+            cell = {
+                (x["round"], x["delay_ms"]): x["images_per_s"]
+                for x in reads
+                if x["variant"] == vname
+            }
+            rounds = sorted({r for r, _ in cell})
+            cells = []
+            for d in delays:
+                rate = statistics.median(cell[r, d] for r in rounds)
+                ratio = statistics.median(cell[r, d] / cell[r, delays[0]] for r in rounds)
+                read_summary.append({"variant": vname, "delay_ms": d, "images_per_s": rate,
+                                     "ratio": round(ratio, 3)})  # fmt: skip
+                cells.append(f"{rate:,.0f} ({100 * ratio:.0f}%)")
+            print(f"| {vname} | {' | '.join(cells)} |")
     if costs:
         print()
         print(
@@ -474,16 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         "proxy": proxy_stats,
         "summary": summary,
         "runs": runs,
+        "read_path": {"summary": read_summary, "runs": reads},
         "request_costs": costs,
         "s3_prices_usd_per_1000": S3_PRICES,
         "s3_prices_as_of": PRICES_AS_OF,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    plot(
-        summary,
-        out_dir / "results.png",
-        f"{n:,} images from SeaweedFS through LatencyProxy, {args.repeat} rounds, {os.cpu_count()} CPUs; load {load_start[0]} -> {load_end[0]}",
+    title = (
+        f"fruitdask run, {n:,} images from SeaweedFS through LatencyProxy, {args.repeat} rounds, "
+        f"{os.cpu_count()} CPUs; load average {load_start[0]} -> {load_end[0]}"
     )
+    plot(summary, out_dir / "results.png", title, read_summary)
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
     return 0
 
