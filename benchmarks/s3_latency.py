@@ -342,9 +342,7 @@ def _timed_run(client, url: str, so: dict, work: Path, n: int, log: RequestLog) 
     }
 
 
-def read_path(
-    server, data: Path, bucket: str, variants, delays: list[int], rounds: int
-) -> list[dict]:
+def read_path(server, bucket: str, variants, delays: list[int], rounds: int) -> list[dict]:
     """The read path alone: 2 threads x 1,000 loose objects read and decoded, per variant."""
     from fruitdask import features, io
     from fruitdask.testing import LatencyProxy
@@ -424,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     sample.generate_total(data, args.images, seed=0)
     work = Path(tempfile.mkdtemp(prefix="fruitdask-s3latency-"))
     server = S3Server(work / "weed")
-    server.start()
     log = RequestLog()
     load_start = _load()
     try:
+        server.start()
         bucket = server.make_bucket()
         t = time.perf_counter()
         n = server.upload_tree(data, f"{bucket}/loose")
