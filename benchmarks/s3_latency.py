@@ -20,10 +20,10 @@ variables for its workers: ``--variant fixed:FRUITDASK_FETCH=fixed --variant
 adaptive:`` compares the 16-thread reader with ``fruitdask.fetch``; the
 default is one variant, as the code is. ``--read-path`` also times the read
 path alone, in this process: two threads (a worker's two tasks) each read
-1,000 loose objects with ``io.iter_images`` and run decode + ORB on them,
-each variant through its own proxy (its own pyarrow client), alternating.
-That has no cluster, PCA or writes in it, so it is far less noisy on a
-shared machine.
+1,000 images with ``io.iter_images`` (1,000 loose objects, or one partition
+of the packed input) and run decode + ORB on them, each variant through its
+own proxy (its own pyarrow client), alternating. That has no cluster, PCA or
+writes in it, so it is less noisy on a shared machine.
 
 Prints images/s per input, variant and delay (median of the rounds, and the
 median of the rounds' ratios to 0 ms), the requests each run made, and what
@@ -291,15 +291,20 @@ def plot(summary: list[dict], path: Path, title: str, reads: list[dict] | None =
         a.set_ylim(
             0, max(115, 10 + max(100 * s[k] for s in summary for k in ("ratio", "extract_ratio")))
         )
-    for vname in variants:
-        pts = sorted((x for x in reads or [] if x["variant"] == vname), key=lambda x: x["delay_ms"])
+    for key in keys:
+        pts = sorted(
+            (x for x in reads or [] if (x["variant"], x["input"]) == key),
+            key=lambda x: x["delay_ms"],
+        )
         if pts:
-            px.plot([x["delay_ms"] for x in pts], [x["images_per_s"] for x in pts], marker="o",
-                    ls="-" if vname == variants[-1] else "--", label=vname)  # fmt: skip
+            label = key[1] + (f", {key[0]}" if len(variants) > 1 else "")
+            px.plot([x["delay_ms"] for x in pts], [x["images_per_s"] for x in pts], label=label,
+                    color=colours[key], marker="o" if key[1] == "loose" else "s",
+                    ls="-" if key[0] == variants[-1] else "--")  # fmt: skip
             for x in pts:
                 px.annotate(f"{100 * x['ratio']:.0f}%", (x["delay_ms"], x["images_per_s"]),
                             xytext=(4, 4), textcoords="offset points", fontsize=8)  # fmt: skip
-    px.set_title("Read path alone: 2 threads read + decode 1,000 objects each")
+    px.set_title("Read path alone: 2 threads read + decode 1,000 images each")
     px.set_ylabel("images/s (median of rounds; labels: % of 0 ms)")
     px.set_ylim(bottom=0)
     if not reads:
@@ -342,46 +347,57 @@ def _timed_run(client, url: str, so: dict, work: Path, n: int, log: RequestLog) 
     }
 
 
-def read_path(server, bucket: str, variants, delays: list[int], rounds: int) -> list[dict]:
-    """The read path alone: 2 threads x 1,000 loose objects read and decoded, per variant."""
-    from fruitdask import features, io
+def read_path(
+    server, bucket: str, variants, inputs: list[str], delays: list[int], rounds: int
+) -> list[dict]:
+    """The read path alone: 2 threads each read and decode 1,000 images (loose objects, or
+    one partition of the packed input, as a task would), per input and variant."""
+    from fruitdask import features, io, pipeline
     from fruitdask.testing import LatencyProxy
 
     runs: list[dict] = []
     params = features.OrbParams()
     with contextlib.ExitStack() as stack:
-        proxies, so = {}, {}
+        proxies, so, halves = {}, {}, {}
         for vname, env in variants:
             proxies[vname] = stack.enter_context(LatencyProxy(("127.0.0.1", server.port), 0.0))
             so[vname] = {**server.storage_options, "endpoint_url": proxies[vname].endpoint_url}
             with _env(env):  # this variant's pyarrow client is made now, with its settings
-                listing = io.list_images(f"{bucket}/loose", so[vname])
-        halves = [listing.iloc[:1000], listing.iloc[1000:2000]]
+                for name in inputs:
+                    listing = io.list_images(f"{bucket}/{name}", so[vname])
+                    if name == "packed":
+                        ranges = pipeline.plan_packed_partitions(listing, 1000)[:2]
+                    else:
+                        ranges = [(0, 1000), (1000, 2000)]
+                    halves[name] = [listing.iloc[i:j] for i, j in ranges]
         for r in range(rounds):
             k = r % len(delays)
-            for d in [*delays[k:], *delays[:k]]:
-                for vname, env in variants if r % 2 == 0 else variants[::-1]:
-                    proxies[vname].request_delay = d / 1000
+            for name in inputs:
+                for d in [*delays[k:], *delays[:k]]:
+                    for vname, env in variants if r % 2 == 0 else variants[::-1]:
+                        proxies[vname].request_delay = d / 1000
 
-                    def work(rows, v=vname):
-                        orb = params.create()
-                        for blob in io.iter_images(f"{bucket}/loose", rows, so[v]):
-                            features.extract(blob, params, orb)
+                        def work(rows, v=vname, url=f"{bucket}/{name}"):
+                            orb = params.create()
+                            for blob in io.iter_images(url, rows, so[v]):
+                                features.extract(blob, params, orb)
 
-                    with _env(env):
-                        threads = [threading.Thread(target=work, args=(h,)) for h in halves]
-                        load = _load()
-                        t = time.perf_counter()
-                        for th in threads:
-                            th.start()
-                        for th in threads:
-                            th.join()
-                        sec = time.perf_counter() - t
-                    n = sum(len(h) for h in halves)
-                    runs.append({"round": r, "variant": vname, "delay_ms": d,
-                                 "images_per_s": round(n / sec, 1), "load_before": load})  # fmt: skip
-                    print(f"  read path, round {r} {d:3d} ms {vname:>8}: {n / sec:6.0f} images/s, "
-                          f"load {load[0]}", flush=True)  # fmt: skip
+                        with _env(env):
+                            threads = [
+                                threading.Thread(target=work, args=(h,)) for h in halves[name]
+                            ]
+                            load = _load()
+                            t = time.perf_counter()
+                            for th in threads:
+                                th.start()
+                            for th in threads:
+                                th.join()
+                            sec = time.perf_counter() - t
+                        n = sum(len(h) for h in halves[name])
+                        runs.append({"round": r, "variant": vname, "input": name, "delay_ms": d,
+                                     "images_per_s": round(n / sec, 1), "load_before": load})  # fmt: skip
+                        print(f"  read path, round {r} {name:>6} {d:3d} ms {vname:>8}: "
+                              f"{n / sec:6.0f} images/s, load {load[0]}", flush=True)  # fmt: skip
         peaks = {v: p.stats.peak for v, p in proxies.items()}
     print(f"  read path: most connections open at once, per variant: {peaks}")
     return runs
@@ -484,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
                                 )
             proxy_stats = {"connections": proxy.stats.connections, "peak": proxy.stats.peak}
             assert proxy.errors == [], proxy.errors
-        reads = read_path(server, bucket, variants, delays, args.repeat) if args.read_path else []
+        reads = (
+            read_path(server, bucket, variants, inputs, delays, args.repeat)
+            if args.read_path
+            else []
+        )
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -517,25 +537,26 @@ def main(argv: list[str] | None = None) -> int:
     read_summary = []
     if reads:
         print()
-        print("read path alone (2 threads x 1,000 objects, decode + ORB), images/s, median of the")
+        print("read path alone (2 threads x 1,000 images, decode + ORB), images/s, median of the")
         print("rounds (% of 0 ms: median of the rounds' ratios):")
-        print(f"| variant | {' | '.join(f'{d} ms' for d in delays)} |")
-        print(f"|---|{'---|' * len(delays)}")
-        for vname, _ in variants:
-            cell = {
-                (x["round"], x["delay_ms"]): x["images_per_s"]
-                for x in reads
-                if x["variant"] == vname
-            }
-            rounds = sorted({r for r, _ in cell})
-            cells = []
-            for d in delays:
-                rate = statistics.median(cell[r, d] for r in rounds)
-                ratio = statistics.median(cell[r, d] / cell[r, delays[0]] for r in rounds)
-                read_summary.append({"variant": vname, "delay_ms": d, "images_per_s": rate,
-                                     "ratio": round(ratio, 3)})  # fmt: skip
-                cells.append(f"{rate:,.0f} ({100 * ratio:.0f}%)")
-            print(f"| {vname} | {' | '.join(cells)} |")
+        print(f"| input | variant | {' | '.join(f'{d} ms' for d in delays)} |")
+        print(f"|---|---|{'---|' * len(delays)}")
+        for name in inputs:
+            for vname, _ in variants:
+                cell = {
+                    (x["round"], x["delay_ms"]): x["images_per_s"]
+                    for x in reads
+                    if (x["variant"], x["input"]) == (vname, name)
+                }
+                rounds = sorted({r for r, _ in cell})
+                cells = []
+                for d in delays:
+                    rate = statistics.median(cell[r, d] for r in rounds)
+                    ratio = statistics.median(cell[r, d] / cell[r, delays[0]] for r in rounds)
+                    read_summary.append({"variant": vname, "input": name, "delay_ms": d,
+                                         "images_per_s": rate, "ratio": round(ratio, 3)})  # fmt: skip
+                    cells.append(f"{rate:,.0f} ({100 * ratio:.0f}%)")
+                print(f"| {name} | {vname} | {' | '.join(cells)} |")
     if costs:
         print()
         print(
