@@ -56,13 +56,13 @@ sys.path.insert(0, str(REPO))
 
 FRUITS_360 = 90_483
 
-#: Amazon S3 Standard request prices, USD per 1,000 requests, from
-#: https://aws.amazon.com/s3/pricing/ ("Requests & data retrievals", S3 Standard):
-#: "PUT, COPY, POST, LIST requests" $0.005 and "GET, SELECT, and all other requests"
-#: $0.0004 (HEAD is one of the "other" requests), the same in US East (N. Virginia)
-#: us-east-1 and Europe (Ireland) eu-west-1. These prices have stood since 2018;
-#: last checked against the page in 2025 (this machine is offline: re-check
-#: before quoting). DELETE is free; data transfer within the region is free.
+#: Amazon S3 Standard request prices, USD per 1,000 requests, as listed on
+#: https://aws.amazon.com/s3/pricing/ ("Requests & data retrievals", S3 Standard)
+#: in 2025: "PUT, COPY, POST, LIST requests" $0.005 and "GET, SELECT, and all
+#: other requests" $0.0004 (HEAD is one of the "other" requests), the same in US
+#: East (N. Virginia) us-east-1 and Europe (Ireland) eu-west-1. Not re-read from
+#: here (this machine has no internet): check the page before quoting. DELETE is
+#: free; transfer to EC2 in the same region is free.
 S3_PRICES = {
     "us-east-1": {"tier1": 0.005, "tier2": 0.0004},
     "eu-west-1": {"tier1": 0.005, "tier2": 0.0004},
@@ -73,7 +73,7 @@ TIER1 = ("PUT", "POST", "COPY", "LIST")
 
 def s3_operation(method: str, target: str) -> str:
     """The S3 operation (as billed) of an HTTP request: LIST, GET, HEAD, PUT, ..."""
-    path, _, query = target.partition("?")
+    _, _, query = target.partition("?")
     params = {p.split("=", 1)[0] for p in query.split("&") if p}
     if method == "GET" and ("list-type" in params or "prefix" in params or "delimiter" in params):
         return "LIST"
@@ -110,7 +110,7 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 class _env:
-    """Environment variables set while a cluster starts (workers inherit them)."""
+    """Environment variables set for a while (a cluster's start: its workers inherit them)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env, self.old = env, {}
