@@ -118,19 +118,13 @@ def _iter_packed(
 ) -> Iterator[bytes | FruitdaskError]:
     """The bytes of ``rows`` of a packed listing: only the row groups they fall in,
     only the ``bytes`` column, one ranged read per group instead of one request
-    per image. Per shard the first group comes alone (decoding starts early),
-    the rest in one coalesced read."""
+    per image: decoding starts with the first group while the others arrive,
+    one row group per request, all in flight at once (with the shard's footer
+    kept per process, each is one GET: :func:`fruitdask.io.read_row_groups`)."""
     keys = list(zip(rows["shard"], rows["row_group"], strict=True))
-    units: list[tuple[str, list[int]]] = []
-    by_shard: dict[str, list[int]] = {}
-    for shard, g in dict.fromkeys(keys):
-        by_shard.setdefault(str(shard), []).append(int(g))
-    for shard, groups in by_shard.items():
-        units.append((shard, groups[:1]))
-        if len(groups) > 1:
-            units.append((shard, groups[1:]))
-    unit_of = {(shard, g): k for k, (shard, gs) in enumerate(units) for g in gs}
-    pool = ThreadPoolExecutor(4)
+    units = [(str(shard), [int(g)]) for shard, g in dict.fromkeys(keys)]
+    unit_of = {(shard, gs[0]): k for k, (shard, gs) in enumerate(units)}
+    pool = ThreadPoolExecutor(8)
     try:
         futures = [pool.submit(_load_groups, io.join(url, shard), gs, so) for shard, gs in units]
         for (shard, g), r in zip(keys, rows["row"].tolist(), strict=True):
