@@ -16,11 +16,10 @@ A local cluster (fruitdask's default layout) per variant, all started at once
 and warmed with a small run; then each round runs ``fruitdask.pipeline.run``
 S3 -> local disk for every input and delay (the delays' order rotating from
 round to round), the variants back to back. A variant sets environment
-variables for its workers: ``--variant fixed:FRUITDASK_FETCH=fixed --variant
-adaptive:`` compares the 16-thread reader with ``fruitdask.fetch``; the
-default is one variant, as the code is. ``--read-path`` also times the read
+variables for its workers (e.g. a DASK_* setting to compare); the default is
+one variant, as the code is. ``--read-path`` also times the read
 path alone, in this process: two threads (a worker's two tasks) each read
-1,000 images with ``io.iter_images`` (1,000 loose objects, or one partition
+1,000 images with ``source.iter_images`` (1,000 loose objects, or one partition
 of the packed input) and run decode + ORB on them, each variant through its
 own proxy (its own pyarrow client), alternating. That has no cluster, PCA or
 writes in it, so it is less noisy on a shared machine.
@@ -138,14 +137,14 @@ def packed_partitions(
     """How many tasks ``run`` makes of a pack of ``n`` images (pack's and run's own plans)."""
     import pandas as pd
 
-    from fruitdask import pack, pipeline
+    from fruitdask.partition import plan_packed_partitions, plan_shards
 
     shard, group = [], []
-    for i, (a, b) in enumerate(pack.plan_shards(n, shard_size, threads)):
+    for i, (a, b) in enumerate(plan_shards(n, shard_size, threads)):
         shard += [str(i)] * (b - a)
         group += [j // row_group for j in range(b - a)]
     listing = pd.DataFrame({"shard": shard, "row_group": group})
-    return len(pipeline.plan_packed_partitions(listing, partition_size))
+    return len(plan_packed_partitions(listing, partition_size))
 
 
 def request_costs(runs: list[dict], n: int, pack_requests: dict, threads: int) -> dict:
@@ -158,11 +157,11 @@ def request_costs(runs: list[dict], n: int, pack_requests: dict, threads: int) -
     """
     import numpy as np
 
-    from fruitdask import pack
+    from fruitdask.partition import plan_shards
 
     f = FRUITS_360
     pages = (math.ceil(n / 1000), math.ceil(f / 1000))
-    shards = (len(pack.plan_shards(n, 5000, threads)), len(pack.plan_shards(f, 5000, threads)))
+    shards = (len(plan_shards(n, 5000, threads)), len(plan_shards(f, 5000, threads)))
     tasks = (packed_partitions(n, threads), packed_partitions(f, threads))
 
     def median(rows: list[dict]) -> dict[str, float]:
@@ -352,7 +351,7 @@ def read_path(
 ) -> list[dict]:
     """The read path alone: 2 threads each read and decode 1,000 images (loose objects, or
     one partition of the packed input, as a task would), per input and variant."""
-    from fruitdask import features, io, pipeline
+    from fruitdask import features, pipeline, source
     from fruitdask.testing import LatencyProxy
 
     runs: list[dict] = []
@@ -364,7 +363,7 @@ def read_path(
             so[vname] = {**server.storage_options, "endpoint_url": proxies[vname].endpoint_url}
             with _env(env):  # this variant's pyarrow client is made now, with its settings
                 for name in inputs:
-                    listing = io.list_images(f"{bucket}/{name}", so[vname])
+                    listing = source.list_input(f"{bucket}/{name}", so[vname])
                     if name == "packed":
                         ranges = pipeline.plan_packed_partitions(listing, 1000)[:2]
                     else:
@@ -379,7 +378,7 @@ def read_path(
 
                         def work(rows, v=vname, url=f"{bucket}/{name}"):
                             orb = params.create()
-                            for blob in io.iter_images(url, rows, so[v]):
+                            for blob in source.iter_images(url, rows, so[v]):
                                 features.extract(blob, params, orb)
 
                         with _env(env):

@@ -91,7 +91,7 @@ def test_odd_files_are_errors_not_crashes(tmp_path, kind):
         name, needle = "loop.jpg", "symbolic link loop"
     elif kind == "dangling":
         os.symlink(tmp_path / "missing", tmp_path / "dangling.jpg")
-        name, needle = "dangling.jpg", "not found"
+        name, needle = "dangling.jpg", "broken symbolic link"
     else:
         os.symlink("/dev/zero", tmp_path / "zero.jpg")
         name, needle = "zero.jpg", "a character device"
