@@ -214,15 +214,20 @@ class Output:
     """The output location: refuse to clobber, then publish like ``fruitdask run``."""
 
     def __init__(self, url: str, so: dict[str, Any], overwrite: bool = False) -> None:
+        from fruitdask.errors import FruitdaskError
+        from fruitdask.output import OutputDir
+
         self.url = url.rstrip("/") if len(url) > 1 else url
         self.so = so
         self.run_id = uuid.uuid4().hex[:8]
-        io.check_writable(self.url, so)
-        entries = io.ls(self.url, so)
-        if entries:
-            if not overwrite:
-                raise SystemExit(f"{url}: output already exists (use --overwrite to replace it)")
-            io.remove_tree(self.url, so)
+        # fruitdask's lifecycle: refused unless empty or a previous output
+        # (--overwrite), locked while this run writes, committed by publish()
+        self.out = OutputDir(self.url, so)
+        try:
+            self.out.check("overwrite" if overwrite else "new")
+            self.out.lock(self.run_id)
+        except FruitdaskError as exc:
+            raise SystemExit(str(exc)) from None
 
     def join(self, *parts: str) -> str:
         return io.join(self.url, *parts)
@@ -241,9 +246,14 @@ class Output:
         return name
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """The manifest, then ``_SUCCESS`` (holding the run id) last."""
-        io.write_bytes(self.join("manifest.json"), json.dumps(manifest, indent=1).encode(), self.so)
-        io.write_bytes(self.join("_SUCCESS"), f"{self.run_id}\n".encode(), self.so)
+        """Commit as fruitdask does (:meth:`fruitdask.output.OutputDir.publish`):
+        the manifest, then ``_SUCCESS`` (holding the run id) last."""
+        from fruitdask.output import RunState
+
+        try:
+            self.out.publish(RunState(self.url, self.so, self.run_id), manifest)
+        finally:
+            self.out.release()
 
 
 def versions(**engines: str) -> dict[str, str]:
