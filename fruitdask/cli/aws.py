@@ -599,6 +599,14 @@ def _dry(operation: str, payload: dict[str, Any], uploads: dict | None = None) -
     return 0
 
 
+def _job_args(text: str) -> list[str]:
+    """``--job-args``, split as a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise InputError(f"--job-args: {exc}") from None
+
+
 def _duration(text: str | None) -> float | None:
     from fruitdask.aws.plan import PlanError, parse_duration
 
@@ -637,10 +645,7 @@ def cmd_emr_run(args: argparse.Namespace) -> int:
     from fruitdask.cli._common import Supervisor
 
     timeout = _duration(args.timeout)
-    try:
-        job_args = shlex.split(args.job_args)
-    except ValueError as exc:
-        raise InputError(f"--job-args: {exc}") from None
+    job_args = _job_args(args.job_args)
     try:
         s, uploads, payload = _one_shot_payload(args, job_args)
         if args.dry_run:
@@ -784,10 +789,7 @@ def cmd_emr_submit(args: argparse.Namespace) -> int:
 
     timeout = _duration(args.timeout)
     prefix = aws_config("emr.prefix")
-    try:
-        job_args = shlex.split(args.job_args)
-    except ValueError as exc:
-        raise InputError(f"--job-args: {exc}") from None
+    job_args = _job_args(args.job_args)
     try:
         steps = []
         if args.job in ("dask", "both"):
