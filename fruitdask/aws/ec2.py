@@ -1288,10 +1288,9 @@ def _wait_for_workers(cluster, s: Ec2Settings, stop) -> None:
 def _usage(s: Ec2Settings, region: str | None, t0: float) -> dict[str, Any]:
     """Instance-hours so far and their estimated price (the cluster's
     ``fruitdask_usage``, recorded in the manifest at commit)."""
-    from fruitdask.aws.plan import estimate_usage
+    from fruitdask.aws.plan import estimate_usage, instance_counts
 
-    counts = {s.scheduler_instance_type: 1}
-    counts[s.worker_instance_type] = counts.get(s.worker_instance_type, 0) + s.workers
+    counts = instance_counts((s.scheduler_instance_type, 1), (s.worker_instance_type, s.workers))
     return estimate_usage(
         "ec2",
         region,

@@ -578,13 +578,6 @@ def _upload(uploads: dict[str, tuple[str, bytes]], args: argparse.Namespace) -> 
             term.say(f"staged the {kind}: {url}")
 
 
-def _counts(*pairs: tuple[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for itype, n in pairs:
-        out[itype] = out.get(itype, 0) + n
-    return out
-
-
 def _aws_errors() -> tuple[type[BaseException], ...]:
     from fruitdask.aws import AwsError
 
@@ -735,14 +728,15 @@ def _one_shot_usage(outcome, s, region: str | None, wall: float) -> dict[str, An
     import contextlib
 
     from fruitdask.aws import aws_config
-    from fruitdask.aws.plan import estimate_usage
+    from fruitdask.aws.plan import estimate_usage, instance_counts
 
     lifetime = wall
     if outcome.created is not None and outcome.ended is not None:
         with contextlib.suppress(TypeError, AttributeError):
             lifetime = (outcome.ended - outcome.created).total_seconds()
     return estimate_usage(
-        "emr", region, _counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
+        "emr", region,
+        instance_counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
         seconds=lifetime, ebs_gb_each=float((aws_config("plan.ebs-gb") or {}).get("emr", 0)),
     )  # fmt: skip
 
