@@ -337,6 +337,48 @@ def _lloyd_progress(callback: Callable[[int, float], None] | None) -> Iterator[N
         logger.propagate = propagate
 
 
+def _fit_input(x, local: bool):
+    """``x`` as the float32 Dask array dask-ml's KMeans fits: a NumPy ``x`` in
+    chunks of 65536 rows, a dask ``x`` to fit ``local`` gathered here."""
+    import dask.array as da
+
+    if isinstance(x, np.ndarray):
+        x = np.asarray(x, dtype=np.float32)
+        x = da.from_array(x, chunks=(max(1, min(len(x), 65536)), -1))
+    elif local:  # gathered once, in its own chunks (the draws and sums depend on them)
+        x = da.from_array(np.asarray(x.compute(), dtype=np.float32), chunks=x.chunks)
+    return x.astype(np.float32)
+
+
+def _fit_kmeans(x, k, seed, max_iter, tol, oversampling, init_rounds, init, progress):
+    """dask-ml's ``KMeans`` fitted on ``x`` (the arguments are
+    :func:`fit_vocabulary`'s), on whichever scheduler is in force."""
+    from dask_ml.cluster import KMeans
+
+    # dask-ml compares the summed squared centre shift with ``tol`` as given,
+    # an absolute number; scikit-learn scales it by the data's mean variance.
+    # PCA'd ORB features have variances in the hundreds, so an unscaled 1e-4
+    # would run every fit to max_iter.
+    tol_abs = tol * float(x.var(axis=0).mean().compute())
+    km = KMeans(
+        n_clusters=k,
+        init=init if init is not None else "k-means||",
+        # dask-ml draws ``oversampling_factor`` candidates per round in
+        # expectation, not ``oversampling_factor * k``: its default of 2 with
+        # ~log(cost) ~ 20 rounds leaves fewer candidates than words, and it
+        # then pads with random points (a warning in its log, nothing more).
+        oversampling_factor=max(2.0, oversampling * k),
+        init_max_iter=init_rounds,
+        max_iter=max_iter,
+        tol=tol_abs,
+        random_state=seed,
+    )
+    note = None if progress is None else lambda i, shift: progress(i, max_iter, shift, tol_abs)
+    with _lloyd_progress(note):
+        km.fit(x)
+    return km
+
+
 def fit_vocabulary(
     x,
     k: int,
@@ -391,8 +433,6 @@ def fit_vocabulary(
         tolerance it is compared with (the fit stops when it falls below).
     """
     import dask
-    import dask.array as da
-    from dask_ml.cluster import KMeans
 
     n = int(x.shape[0])
     if n < k:
@@ -400,34 +440,9 @@ def fit_vocabulary(
     t = time.perf_counter()
     if local is None:
         local = isinstance(x, np.ndarray) or n * k <= LOCAL_FIT_CELLS
-    if isinstance(x, np.ndarray):
-        x = np.asarray(x, dtype=np.float32)
-        x = da.from_array(x, chunks=(max(1, min(len(x), 65536)), -1))
-    elif local:  # gathered once, in its own chunks (the draws and sums depend on them)
-        x = da.from_array(np.asarray(x.compute(), dtype=np.float32), chunks=x.chunks)
-    x = x.astype(np.float32)
+    x = _fit_input(x, local)
     with dask.config.set(scheduler="synchronous") if local else contextlib.nullcontext():
-        # dask-ml compares the summed squared centre shift with ``tol`` as given,
-        # an absolute number; scikit-learn scales it by the data's mean variance.
-        # PCA'd ORB features have variances in the hundreds, so an unscaled 1e-4
-        # would run every fit to max_iter.
-        tol_abs = tol * float(x.var(axis=0).mean().compute())
-        km = KMeans(
-            n_clusters=k,
-            init=init if init is not None else "k-means||",
-            # dask-ml draws ``oversampling_factor`` candidates per round in
-            # expectation, not ``oversampling_factor * k``: its default of 2 with
-            # ~log(cost) ~ 20 rounds leaves fewer candidates than words, and it
-            # then pads with random points (a warning in its log, nothing more).
-            oversampling_factor=max(2.0, oversampling * k),
-            init_max_iter=init_rounds,
-            max_iter=max_iter,
-            tol=tol_abs,
-            random_state=seed,
-        )
-        note = None if progress is None else lambda i, shift: progress(i, max_iter, shift, tol_abs)
-        with _lloyd_progress(note):
-            km.fit(x)
+        km = _fit_kmeans(x, k, seed, max_iter, tol, oversampling, init_rounds, init, progress)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
     return Vocabulary(
         centers=centers,

@@ -334,17 +334,12 @@ def train(
     try:
         with timer("features"):
             manifest, reused = _features(cfg, client, rows, progress, stop, say)
-        pca_file = io.join(cfg.output, "pipeline", manifest["files"]["model"][0])
-        pca = PcaModel.from_json(io.read_text(pca_file, so_out) or "")
+        pca = _pca_model(cfg, manifest, so_out)
         with timer("load_features"):
             parts = encode.load_training_features(
                 client, io.join(cfg.output, "pipeline"), manifest, so_out, "Training", run_id
             )
-        if parts.n_keypoints < opts.words:
-            raise ModelError(
-                f"{cfg.input}: {parts.n_keypoints} keypoints in {parts.n_images} training "
-                f"images; {opts.words} visual words need at least as many (try a smaller --words)"
-            )
+        _check_keypoints(cfg.input, parts, opts)
         color_futures = None
         if opts.color:  # they fill the cores the vocabulary fit's round trips leave idle
             color_futures = encode.color_parts(
@@ -379,6 +374,21 @@ def train(
                                   fitted, results, hist_files, timer, stop)  # fmt: skip
     finally:
         out.release()
+
+
+def _pca_model(cfg: RunConfig, manifest: dict[str, Any], so: dict[str, Any]) -> PcaModel:
+    """The PCA the feature run committed (``manifest`` is its manifest)."""
+    pca_file = io.join(cfg.output, "pipeline", manifest["files"]["model"][0])
+    return PcaModel.from_json(io.read_text(pca_file, so) or "")
+
+
+def _check_keypoints(url: str, parts: encode.FeatureParts, opts: TrainOptions) -> None:
+    """Refuse, with one line, training keypoints fewer than the visual words."""
+    if parts.n_keypoints < opts.words:
+        raise ModelError(
+            f"{url}: {parts.n_keypoints} keypoints in {parts.n_images} training "
+            f"images; {opts.words} visual words need at least as many (try a smaller --words)"
+        )
 
 
 def _vocabulary(client, parts: encode.FeatureParts, opts: TrainOptions, log) -> Vocabulary:

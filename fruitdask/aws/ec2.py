@@ -40,12 +40,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fruitdask.aws import RUN_TAG, AwsError, aws_config, install_hint, parse_tags
-from fruitdask.aws.plan import PlanError, parse_duration
+from fruitdask.aws.plan import PlanError, PriceTable, parse_duration
 
 __all__ = [
     "HOST_DIR",
@@ -428,7 +428,7 @@ def install_plan(s: Ec2Settings) -> dict[str, Any]:
 
 def _cluster_classes():
     """Subclasses of dask-cloudprovider's classes (imported lazily: fruitdask[aws])."""
-    from dask_cloudprovider.aws.ec2 import EC2Cluster, EC2Scheduler, EC2Worker
+    from dask_cloudprovider.aws.ec2 import EC2Scheduler, EC2Worker
 
     class Scheduler(EC2Scheduler):
         async def configure_vm(self, client):
@@ -440,35 +440,7 @@ def _cluster_classes():
         async def wait_for_scheduler(self):
             """dask-cloudprovider's wait, bounded, stoppable, and cut short when
             the instance has ended (its container exited: a bad image or install)."""
-            cluster = self.cluster
-            loop = asyncio.get_running_loop()
-            timeout = cluster.fruitdask_start_timeout
-            deadline = loop.time() + timeout
-            waiting = asyncio.ensure_future(super().wait_for_scheduler())
-            next_look = loop.time() + 15
-            try:
-                while not waiting.done():
-                    cluster.fruitdask_check_stop()
-                    if loop.time() >= deadline:
-                        raise AwsError(
-                            f"the scheduler instance {self.instance['InstanceId']} did not "
-                            f"open port {self.port} within {timeout:.0f}s (first boot installs "
-                            "Docker, pulls the image and installs fruitdask; its console log "
-                            "shows why: aws ec2 get-console-output --instance-id "
-                            f"{self.instance['InstanceId']})"
-                        )
-                    if loop.time() >= next_look:
-                        next_look = loop.time() + 15
-                        ended = await loop.run_in_executor(
-                            None, cluster.fruitdask_ended, self.instance["InstanceId"]
-                        )
-                        if ended:
-                            raise AwsError(ended)
-                    await asyncio.wait({waiting}, timeout=0.5)
-                return waiting.result()
-            finally:
-                if not waiting.done():
-                    waiting.cancel()
+            return await _bounded_wait(self, super().wait_for_scheduler())
 
         async def destroy_vm(self):
             await _destroy_if_created(self, EC2Scheduler)
@@ -476,6 +448,49 @@ def _cluster_classes():
     class Worker(EC2Worker):
         async def destroy_vm(self):
             await _destroy_if_created(self, EC2Worker)
+
+    return _cluster_class(Scheduler, Worker)
+
+
+async def _bounded_wait(scheduler, wait: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``wait`` (dask-cloudprovider's wait for ``scheduler``) within the
+    cluster's start timeout, checking its stop token, and looking every 15 s
+    whether the instance has ended."""
+    cluster = scheduler.cluster
+    loop = asyncio.get_running_loop()
+    timeout = cluster.fruitdask_start_timeout
+    deadline = loop.time() + timeout
+    waiting = asyncio.ensure_future(wait)
+    next_look = loop.time() + 15
+    try:
+        while not waiting.done():
+            cluster.fruitdask_check_stop()
+            if loop.time() >= deadline:
+                raise AwsError(
+                    f"the scheduler instance {scheduler.instance['InstanceId']} did not "
+                    f"open port {scheduler.port} within {timeout:.0f}s (first boot installs "
+                    "Docker, pulls the image and installs fruitdask; its console log "
+                    "shows why: aws ec2 get-console-output --instance-id "
+                    f"{scheduler.instance['InstanceId']})"
+                )
+            if loop.time() >= next_look:
+                next_look = loop.time() + 15
+                ended = await loop.run_in_executor(
+                    None, cluster.fruitdask_ended, scheduler.instance["InstanceId"]
+                )
+                if ended:
+                    raise AwsError(ended)
+            await asyncio.wait({waiting}, timeout=0.5)
+        return waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+
+
+def _cluster_class(scheduler_class: type, worker_class: type):
+    """dask-cloudprovider's ``EC2Cluster`` with these scheduler and worker
+    classes, a start timeout, a stop token, and user data checked for secrets."""
+    from dask_cloudprovider.aws.ec2 import EC2Cluster
 
     class Cluster(EC2Cluster):
         def __init__(
@@ -513,8 +528,8 @@ def _cluster_classes():
             return instance_ended(self.fruitdask_ec2, instance_id)
 
         async def _start(self):
-            self.scheduler_class = Scheduler
-            self.worker_class = Worker
+            self.scheduler_class = scheduler_class
+            self.worker_class = worker_class
             await super()._start()
 
         def render_process_cloud_init(self, process):
@@ -1085,22 +1100,65 @@ def ec2_cluster(
     except ImportError as exc:
         raise install_hint(exc) from None
 
-    if s.allow_cidrs:
-        cidrs = s.allow_cidrs
-    else:
-        found = lookup_ip() if lookup_ip else caller_cidr(s.ip_lookup_url, s.ip_lookup_timeout_s)
-        cidrs = (check_cidr(found),)
+    cidrs = _allowed_cidrs(s, lookup_ip)
     region = _choose_region(s, say)
     if not spec.extra.get("ec2_checked"):
         check_credentials(s)
         check_image(s, say)
-    if s.install and s.wheel_url:
-        from fruitdask.aws.stage import build_wheel, stage
+    _stage_wheel(s, say)
+    run = _open_run(boto3, s, region)
+    with _torn_down(run, s, stop, say):
+        cluster = _start_cluster(cluster_cls, run, s, cidrs, stop, say)
+        run.started = True
+        # EC2Cluster returns once the worker *instances* exist; their Dask
+        # workers connect minutes later. Wait, so the job partitions for the
+        # real thread count and the manifest's per-core throughput is right.
+        _wait_for_workers(cluster, s, stop)
+        yield cluster
 
-        name, wheel = build_wheel()
-        so = dict(s.data.get("storage_options") or {})
-        if stage(s.wheel_url, wheel, so):
-            say(f"staged {name} ({len(wheel) / 1e3:,.0f} kB) at {s.wheel_url}")
+
+def _allowed_cidrs(s: Ec2Settings, lookup_ip: Callable[[], str] | None) -> tuple[str, ...]:
+    """Who may reach the scheduler and dashboard: ``--allow-cidr``, else the
+    caller's address (``lookup_ip``, else :func:`caller_cidr`)."""
+    if s.allow_cidrs:
+        return s.allow_cidrs
+    found = lookup_ip() if lookup_ip else caller_cidr(s.ip_lookup_url, s.ip_lookup_timeout_s)
+    return (check_cidr(found),)
+
+
+def _stage_wheel(s: Ec2Settings, say: Callable[[str], None]) -> None:
+    """Build this machine's fruitdask as a wheel and stage it where the
+    instances fetch it (a stock image only; nothing is uploaded twice)."""
+    if not (s.install and s.wheel_url):
+        return
+    from fruitdask.aws.stage import build_wheel, stage
+
+    name, wheel = build_wheel()
+    so = dict(s.data.get("storage_options") or {})
+    if stage(s.wheel_url, wheel, so):
+        say(f"staged {name} ({len(wheel) / 1e3:,.0f} kB) at {s.wheel_url}")
+
+
+@dataclass
+class _Ec2Run:
+    """One run in the account: its id and tags, its EC2 client, and what it has
+    created so far (what :func:`teardown` removes)."""
+
+    run_id: str
+    tags: dict[str, str]
+    session: Any
+    ec2: Any
+    region: str | None
+    #: The cluster registers itself here before it starts anything.
+    clusters: list = field(default_factory=list)
+    group_id: str | None = None
+    #: The cluster object was built (its close gets its full time).
+    started: bool = False
+
+
+def _open_run(boto3: Any, s: Ec2Settings, region: str | None) -> _Ec2Run:
+    """A new run id, its tags, and an EC2 client in ``region`` (boto's default
+    when None); creates nothing."""
     run_id = new_run_id()
     tags = {**s.tags, RUN_TAG: run_id, "created-by": "fruitdask"}
     try:
@@ -1109,56 +1167,20 @@ def ec2_cluster(
         region = ec2.meta.region_name
     except Exception as exc:  # noqa: BLE001 - translated to one line
         raise translate(exc, "EC2") from None
-    holder: list = []
-    group_id: str | None = None
+    return _Ec2Run(run_id=run_id, tags=tags, session=session, ec2=ec2, region=region)
+
+
+@contextlib.contextmanager
+def _torn_down(run: _Ec2Run, s: Ec2Settings, stop, say: Callable[[str], None]) -> Iterator[None]:
+    """Tear ``run`` down when the block exits, on success, error, Ctrl-C and
+    SIGTERM, with ``stop``'s supervisor waiting for it. An incomplete teardown
+    raises after a block that succeeded; after one that failed it is a note."""
     failed: BaseException | None = None
-    started = False
-    note = f"terminating the EC2 instances of run {run_id} and deleting its security group"
+    note = f"terminating the EC2 instances of run {run.run_id} and deleting its security group"
     held = stop.holding(note) if stop is not None else contextlib.nullcontext()
     with held:
         try:
-            try:
-                vpc, subnet = _network(ec2, s.subnet_id)
-                ami = s.ami or latest_ami(ec2, s.ami_name, s.ami_owner)
-                group_id = create_security_group(
-                    ec2,
-                    vpc=vpc,
-                    run_id=run_id,
-                    tags=tags,
-                    cidrs=cidrs,
-                    scheduler_port=s.scheduler_port,
-                    dashboard_port=s.dashboard_port,
-                )
-                logger.info("run %s: security group %s in %s", run_id, group_id, vpc)
-                kwargs = cluster_kwargs(
-                    s, ami=ami, vpc=vpc, subnet=subnet, group_id=group_id, tags=tags
-                )
-                kwargs["region"] = region
-                say(
-                    f"starting {s.workers} x {s.worker_instance_type} + 1 x "
-                    f"{s.scheduler_instance_type} in {region} (run {run_id}); image {s.image}"
-                )
-                t0 = time.time()
-                usage = functools.partial(_usage, s, region, t0)
-                cluster = cluster_cls(
-                    holder=holder,
-                    start_timeout=s.start_timeout_s,
-                    secrets=_caller_secrets(session),
-                    stop=stop,
-                    ec2=ec2,
-                    usage=usage,
-                    **kwargs,
-                )
-            except Exception as exc:  # noqa: BLE001 - translated; teardown below
-                if stop is not None and stop.requested:
-                    stop.check()
-                raise translate(exc, "starting the EC2 cluster") from None
-            started = True
-            # EC2Cluster returns once the worker *instances* exist; their Dask
-            # workers connect minutes later. Wait, so the job partitions for the
-            # real thread count and the manifest's per-core throughput is right.
-            _wait_for_workers(cluster, s, stop)
-            yield cluster
+            yield
         except BaseException as exc:
             failed = exc
             raise
@@ -1166,12 +1188,12 @@ def ec2_cluster(
             # A start interrupted half-way (Ctrl-C while instances boot) may not
             # close cleanly; the sweep by run tag after it guarantees the teardown.
             problems = teardown(
-                ec2,
-                run_id,
-                group_id,
-                holder,
+                run.ec2,
+                run.run_id,
+                run.group_id,
+                run.clusters,
                 s.teardown_timeout_s,
-                close_timeout=120.0 if started else 30.0,
+                close_timeout=120.0 if run.started else 30.0,
                 say=say,
             )
             if problems:
@@ -1179,6 +1201,54 @@ def ec2_cluster(
                 if failed is None:
                     raise AwsError(msg)
                 say(f"fruitdask: {msg}")
+
+
+def _start_cluster(
+    cluster_cls,
+    run: _Ec2Run,
+    s: Ec2Settings,
+    cidrs: tuple[str, ...],
+    stop,
+    say: Callable[[str], None],
+) -> Any:
+    """Create the run's security group (recorded in ``run`` at once) and start
+    the cluster in it; a failure is one line (a stop request raises as itself)."""
+    try:
+        vpc, subnet = _network(run.ec2, s.subnet_id)
+        ami = s.ami or latest_ami(run.ec2, s.ami_name, s.ami_owner)
+        run.group_id = group_id = create_security_group(
+            run.ec2,
+            vpc=vpc,
+            run_id=run.run_id,
+            tags=run.tags,
+            cidrs=cidrs,
+            scheduler_port=s.scheduler_port,
+            dashboard_port=s.dashboard_port,
+        )
+        logger.info("run %s: security group %s in %s", run.run_id, group_id, vpc)
+        kwargs = cluster_kwargs(
+            s, ami=ami, vpc=vpc, subnet=subnet, group_id=group_id, tags=run.tags
+        )
+        kwargs["region"] = run.region
+        say(
+            f"starting {s.workers} x {s.worker_instance_type} + 1 x "
+            f"{s.scheduler_instance_type} in {run.region} (run {run.run_id}); image {s.image}"
+        )
+        t0 = time.time()
+        usage = functools.partial(_usage, s, run.region, t0)
+        return cluster_cls(
+            holder=run.clusters,
+            start_timeout=s.start_timeout_s,
+            secrets=_caller_secrets(run.session),
+            stop=stop,
+            ec2=run.ec2,
+            usage=usage,
+            **kwargs,
+        )
+    except Exception as exc:  # noqa: BLE001 - translated; the teardown follows
+        if stop is not None and stop.requested:
+            stop.check()
+        raise translate(exc, "starting the EC2 cluster") from None
 
 
 def _choose_region(s: Ec2Settings, say: Callable[[str], None]) -> str | None:
@@ -1218,10 +1288,9 @@ def _wait_for_workers(cluster, s: Ec2Settings, stop) -> None:
 def _usage(s: Ec2Settings, region: str | None, t0: float) -> dict[str, Any]:
     """Instance-hours so far and their estimated price (the cluster's
     ``fruitdask_usage``, recorded in the manifest at commit)."""
-    from fruitdask.aws.plan import estimate_usage
+    from fruitdask.aws.plan import estimate_usage, instance_counts
 
-    counts = {s.scheduler_instance_type: 1}
-    counts[s.worker_instance_type] = counts.get(s.worker_instance_type, 0) + s.workers
+    counts = instance_counts((s.scheduler_instance_type, 1), (s.worker_instance_type, s.workers))
     return estimate_usage(
         "ec2",
         region,
@@ -1259,7 +1328,6 @@ def describe_plan(spec) -> str:
     wd, wp = price(s.worker_instance_type)
     cidrs = ", ".join(s.allow_cidrs) or "your public address /32 (looked up at start)"
     default_region = "the input bucket's (looked up at start), else the AWS default"
-    n = 1 + s.workers
     lines = [
         "EC2 plan (dry run: nothing created, no AWS call made)",
         f"region:         {region or default_region}",
@@ -1292,28 +1360,32 @@ def describe_plan(spec) -> str:
         "tags:           "
         + ", ".join(f"{k}={v}" for k, v in {**s.tags, RUN_TAG: "<run id>"}.items())
         + " (instances, volumes, security group)",
+        _describe_cost(s, prices, sp, wp),
     ]
+    if region and region != prices.region:
+        lines.append(f"note: the price table has no {region}; prices shown are {prices.region}'s")
+    return "\n".join(lines)
+
+
+def _describe_cost(s: Ec2Settings, prices: PriceTable, sp: float | None, wp: float | None) -> str:
+    """The plan's estimated $/hour, from the scheduler's and a worker's hourly
+    prices (``sp``, ``wp``; None when the price table lacks the type)."""
     if sp is not None and wp is not None:
+        n = 1 + s.workers
         extras = n * (s.filesystem_size * prices.ebs_gb_month / 730 + prices.ipv4_hour)
         total = sp + s.workers * wp + extras
-        lines.append(
+        return (
             f"estimated cost: ${total:.3f}/hour (1 x ${sp:.4f} + {s.workers} x ${wp:.4f} "
             f"+ ${extras:.4f} EBS and public IPv4), {prices.region} on-demand as of "
             f"{prices.as_of}, billed per second"
         )
-    else:
-        missing = [
-            t
-            for t, p in ((s.scheduler_instance_type, sp), (s.worker_instance_type, wp))
-            if p is None
-        ]
-        lines.append(
-            f"estimated cost: unknown ({', '.join(missing)} not in the price table "
-            f"as of {prices.as_of})"
-        )
-    if region and region != prices.region:
-        lines.append(f"note: the price table has no {region}; prices shown are {prices.region}'s")
-    return "\n".join(lines)
+    missing = [
+        t for t, p in ((s.scheduler_instance_type, sp), (s.worker_instance_type, wp)) if p is None
+    ]
+    return (
+        f"estimated cost: unknown ({', '.join(missing)} not in the price table "
+        f"as of {prices.as_of})"
+    )
 
 
 def _describe_install(s: Ec2Settings) -> list[str]:

@@ -39,6 +39,7 @@ __all__ = [
     "estimate_usage",
     "format_duration",
     "format_plan",
+    "instance_counts",
     "load_prices",
     "parse_duration",
     "plan_job",
@@ -168,6 +169,15 @@ def load_prices(path: str | None = None, region: str | None = None) -> PriceTabl
         raise PlanError(
             f"{path}: not a price table (format fruitdask-prices/2): {type(exc).__name__} {exc}"
         ) from None
+
+
+def instance_counts(*pairs: tuple[str, int]) -> dict[str, int]:
+    """``{instance type: how many}`` from ``(type, n)`` pairs, a type named
+    twice counted once with their sum (``estimate_usage``'s ``counts``)."""
+    out: dict[str, int] = {}
+    for itype, n in pairs:
+        out[itype] = out.get(itype, 0) + n
+    return out
 
 
 def estimate_usage(

@@ -14,7 +14,7 @@ import shlex
 from typing import Any
 
 from fruitdask.cli._common import add_storage_arguments, positive, storage_options_from_args, term
-from fruitdask.errors import InputError
+from fruitdask.errors import InputError, JobError
 
 __all__ = ["add_run_arguments", "register"]
 
@@ -33,6 +33,12 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
     g = run_parser.add_argument_group(
         "EC2 (with --cluster ec2; pip install fruitdask[aws]; deploy/README.md)"
     )
+    _add_instance_arguments(g)
+    _add_account_arguments(g)
+
+
+def _add_instance_arguments(g) -> None:
+    """Where the instances start, of which types, and what they run."""
     g.add_argument(
         "--region", dest="ec2_region", metavar="REGION", help="AWS region (default: boto's)"
     )
@@ -72,6 +78,11 @@ def add_run_arguments(run_parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the AMI already has Docker: skip installing it at boot",
     )
+
+
+def _add_account_arguments(g) -> None:
+    """How the cluster sits in the account: its credentials, who may reach it,
+    spot, subnet, tags and idle timeout; and --dry-run."""
     g.add_argument(
         "--instance-profile",
         dest="ec2_instance_profile",
@@ -353,11 +364,20 @@ def _register_emr(subparsers) -> None:
     )
     sub = e.add_subparsers(dest="emr_command", metavar="ACTION", parser_class=type(e))
     sub.required = True
+    _register_emr_run(sub)
+    _register_emr_create(sub)
+    _register_emr_submit(sub)
+    _register_emr_status(sub)
+    _register_emr_terminate(sub)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--region", help="AWS region (default: boto's)")
-        p.add_argument("--dry-run", action="store_true", help="print the API payload as JSON")
 
+def _emr_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every ``emr`` sub-command takes."""
+    p.add_argument("--region", help="AWS region (default: boto's)")
+    p.add_argument("--dry-run", action="store_true", help="print the API payload as JSON")
+
+
+def _register_emr_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="one shot: stage fruitdask, start a cluster that runs the job and terminates",
@@ -381,9 +401,11 @@ def _register_emr(subparsers) -> None:
     )
     r.add_argument("--json", action="store_true", help="print the outcome as JSON")
     _cluster_arguments(r, one_shot=True)
-    common(r)
+    _emr_common_arguments(r)
     r.set_defaults(func=cmd_emr_run)
 
+
+def _register_emr_create(sub) -> None:
     c = sub.add_parser(
         "create",
         help="run_job_flow: a long-lived cluster with Dask on it (auto-terminates when idle)",
@@ -395,9 +417,11 @@ def _register_emr(subparsers) -> None:
         "--idle-timeout", metavar="DURATION", help=f"auto-terminate after{_d('emr.idle-timeout')}"
     )
     _cluster_arguments(c, one_shot=False)
-    common(c)
+    _emr_common_arguments(c)
     c.set_defaults(func=cmd_emr_create)
 
+
+def _register_emr_submit(sub) -> None:
     s = sub.add_parser(
         "submit",
         help="add the Dask job and/or the Spark parity job as steps",
@@ -432,21 +456,25 @@ def _register_emr(subparsers) -> None:
         help="more arguments for the job, one quoted string: --job-args='--overwrite "
         "--partition-size 2000'",
     )
-    common(s)
+    _emr_common_arguments(s)
     s.set_defaults(func=cmd_emr_submit)
 
+
+def _register_emr_status(sub) -> None:
     st = sub.add_parser("status", help="cluster state and steps; --wait for a step")
     st.add_argument("cluster_id")
     st.add_argument("--step", metavar="STEP_ID", help="the step to --wait for")
     st.add_argument("--wait", action="store_true", help="poll until --step ends")
     st.add_argument("--timeout", metavar="DURATION")
     st.add_argument("--json", action="store_true")
-    common(st)
+    _emr_common_arguments(st)
     st.set_defaults(func=cmd_emr_status)
 
+
+def _register_emr_terminate(sub) -> None:
     t = sub.add_parser("terminate", help="terminate_job_flows")
     t.add_argument("cluster_id")
-    common(t)
+    _emr_common_arguments(t)
     t.set_defaults(func=cmd_emr_terminate)
 
 
@@ -550,13 +578,6 @@ def _upload(uploads: dict[str, tuple[str, bytes]], args: argparse.Namespace) -> 
             term.say(f"staged the {kind}: {url}")
 
 
-def _counts(*pairs: tuple[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for itype, n in pairs:
-        out[itype] = out.get(itype, 0) + n
-    return out
-
-
 def _aws_errors() -> tuple[type[BaseException], ...]:
     from fruitdask.aws import AwsError
 
@@ -569,6 +590,14 @@ def _dry(operation: str, payload: dict[str, Any], uploads: dict | None = None) -
         doc["uploads"] = {kind: url for kind, (url, _) in uploads.items()}
     term.result(json.dumps(doc, indent=1))
     return 0
+
+
+def _job_args(text: str) -> list[str]:
+    """``--job-args``, split as a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise InputError(f"--job-args: {exc}") from None
 
 
 def _duration(text: str | None) -> float | None:
@@ -602,35 +631,16 @@ def cmd_emr_create(args: argparse.Namespace) -> int:
 
 
 def cmd_emr_run(args: argparse.Namespace) -> int:
-    import contextlib
-    import threading
+    import functools
     import time
 
-    from fruitdask.aws import aws_config, emr
-    from fruitdask.aws.ec2 import default_staging
-    from fruitdask.aws.plan import estimate_usage
-    from fruitdask.aws.plan import format_duration as duration
+    from fruitdask.aws import emr
     from fruitdask.cli._common import Supervisor
-    from fruitdask.errors import JobError
 
     timeout = _duration(args.timeout)
+    job_args = _job_args(args.job_args)
     try:
-        job_args = shlex.split(args.job_args)
-    except ValueError as exc:
-        raise InputError(f"--job-args: {exc}") from None
-    try:
-        staging = args.staging or default_staging(args.output)
-        s, uploads = _emr_settings(args, staging, keep_alive=False)
-        if args.engine == "dask":
-            step = emr.dask_step(
-                args.input, args.output, job_args, prefix=s.prefix,
-                scheduler_port=s.scheduler_port, workers=s.core_count,
-                action_on_failure="TERMINATE_CLUSTER",
-            )  # fmt: skip
-        else:
-            step = emr.spark_step(args.input, args.output, job_args, prefix=s.prefix,
-                                  action_on_failure="TERMINATE_CLUSTER")  # fmt: skip
-        payload = emr.create_payload(s, [step])
+        s, uploads, payload = _one_shot_payload(args, job_args)
         if args.dry_run:
             return _dry("RunJobFlow", payload, uploads)
         client = emr.emr_client(args.region)
@@ -638,63 +648,116 @@ def cmd_emr_run(args: argparse.Namespace) -> int:
     except _aws_errors() as exc:
         raise InputError(str(exc)) from None
     t0 = time.monotonic()
-
-    def body(stop):
-        _upload(uploads, args)
-        cluster_id = emr.create_cluster(client, payload)
-        term.say(
-            f"created {cluster_id}: 1 x {s.primary_instance_type} + {s.core_count} x "
-            f"{s.core_instance_type}, {s.release}; it terminates after its step"
-        )
-        wake = threading.Event()
-        unregister = stop.on_stop(wake.set)
-        try:
-            return emr.watch(
-                client,
-                cluster_id,
-                poll_s=float(aws_config("emr.poll-interval")),
-                timeout_s=timeout,
-                on_event=term.say,
-                check=stop.check,
-                key_name=s.key_name,
-                dashboard_port=s.dashboard_port,
-                sleep=wake.wait,
-            )
-        except BaseException:
-            # stopped, timed out or lost track: the cluster must not outlive this command
-            with stop.holding(f"terminating the EMR cluster {cluster_id}"):
-                with contextlib.suppress(Exception):
-                    emr.terminate(client, cluster_id)
-            term.say(f"terminating {cluster_id}")
-            raise
-        finally:
-            unregister()
-
+    body = functools.partial(_one_shot, client, payload, uploads, args, s, timeout)
     try:
         outcome = Supervisor().run(body)
     except _aws_errors() as exc:
         raise InputError(str(exc)) from None
     wall = time.monotonic() - t0
+    usage = _one_shot_usage(outcome, s, region, wall)
+    if not outcome.ok:
+        raise _one_shot_error(outcome, s)
+    _print_one_shot(args, outcome, s, wall, usage)
+    return 0
+
+
+def _one_shot_payload(
+    args: argparse.Namespace, job_args: list[str]
+) -> tuple[Any, dict[str, tuple[str, bytes]], dict[str, Any]]:
+    """``(EmrSettings, uploads, RunJobFlow payload)`` of ``emr run``: a cluster
+    whose only step is the job, terminated when the step ends or fails."""
+    from fruitdask.aws import emr
+    from fruitdask.aws.ec2 import default_staging
+
+    staging = args.staging or default_staging(args.output)
+    s, uploads = _emr_settings(args, staging, keep_alive=False)
+    if args.engine == "dask":
+        step = emr.dask_step(
+            args.input, args.output, job_args, prefix=s.prefix,
+            scheduler_port=s.scheduler_port, workers=s.core_count,
+            action_on_failure="TERMINATE_CLUSTER",
+        )  # fmt: skip
+    else:
+        step = emr.spark_step(args.input, args.output, job_args, prefix=s.prefix,
+                              action_on_failure="TERMINATE_CLUSTER")  # fmt: skip
+    return s, uploads, emr.create_payload(s, [step])
+
+
+def _one_shot(client, payload, uploads, args, s, timeout, stop):
+    """The body of ``emr run`` (the supervisor's thread): stage, create the
+    cluster, follow it to its end; returns :class:`fruitdask.aws.emr.Outcome`."""
+    import contextlib
+    import threading
+
+    from fruitdask.aws import aws_config, emr
+
+    _upload(uploads, args)
+    cluster_id = emr.create_cluster(client, payload)
+    term.say(
+        f"created {cluster_id}: 1 x {s.primary_instance_type} + {s.core_count} x "
+        f"{s.core_instance_type}, {s.release}; it terminates after its step"
+    )
+    wake = threading.Event()
+    unregister = stop.on_stop(wake.set)
+    try:
+        return emr.watch(
+            client,
+            cluster_id,
+            poll_s=float(aws_config("emr.poll-interval")),
+            timeout_s=timeout,
+            on_event=term.say,
+            check=stop.check,
+            key_name=s.key_name,
+            dashboard_port=s.dashboard_port,
+            sleep=wake.wait,
+        )
+    except BaseException:
+        # stopped, timed out or lost track: the cluster must not outlive this command
+        with stop.holding(f"terminating the EMR cluster {cluster_id}"):
+            with contextlib.suppress(Exception):
+                emr.terminate(client, cluster_id)
+        term.say(f"terminating {cluster_id}")
+        raise
+    finally:
+        unregister()
+
+
+def _one_shot_usage(outcome, s, region: str | None, wall: float) -> dict[str, Any]:
+    """The cluster's instance-hours and estimated cost: over its lifetime as
+    EMR reports it, else over the command's wall time."""
+    import contextlib
+
+    from fruitdask.aws import aws_config
+    from fruitdask.aws.plan import estimate_usage, instance_counts
+
     lifetime = wall
     if outcome.created is not None and outcome.ended is not None:
         with contextlib.suppress(TypeError, AttributeError):
             lifetime = (outcome.ended - outcome.created).total_seconds()
-    usage = estimate_usage(
-        "emr", region, _counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
+    return estimate_usage(
+        "emr", region,
+        instance_counts((s.primary_instance_type, 1), (s.core_instance_type, s.core_count)),
         seconds=lifetime, ebs_gb_each=float((aws_config("plan.ebs-gb") or {}).get("emr", 0)),
     )  # fmt: skip
-    if not outcome.ok:
-        failed = next((k for k, v in outcome.steps.items() if v != "COMPLETED"), None)
-        raise JobError(
-            f"{outcome.cluster_id} {outcome.state}"
-            + (f": step {failed} {outcome.steps[failed]}" if failed else ": its step never ran")
-            + (
-                f": {outcome.failure or outcome.reason}"
-                if outcome.failure or outcome.reason
-                else ""
-            )
-            + (f" (log: {outcome.log_file})" if outcome.log_file else f" (logs: {s.log_uri})")
-        )
+
+
+def _one_shot_error(outcome, s) -> JobError:
+    """The one line of a one-shot cluster whose step did not complete."""
+    failed = next((k for k, v in outcome.steps.items() if v != "COMPLETED"), None)
+    return JobError(
+        f"{outcome.cluster_id} {outcome.state}"
+        + (f": step {failed} {outcome.steps[failed]}" if failed else ": its step never ran")
+        + (f": {outcome.failure or outcome.reason}" if outcome.failure or outcome.reason else "")
+        + (f" (log: {outcome.log_file})" if outcome.log_file else f" (logs: {s.log_uri})")
+    )
+
+
+def _print_one_shot(
+    args: argparse.Namespace, outcome, s, wall: float, usage: dict[str, Any]
+) -> None:
+    """The output, wall time, cluster, cost and logs of a completed ``emr run``."""
+    from fruitdask.aws.plan import format_duration as duration
+
     cost = usage["estimated_usd"]
     if args.json:
         term.result(json.dumps({
@@ -713,7 +776,6 @@ def cmd_emr_run(args: argparse.Namespace) -> int:
                "price table)\n")
             + f"logs: {s.log_uri}"
         )  # fmt: skip
-    return 0
 
 
 def cmd_emr_submit(args: argparse.Namespace) -> int:
@@ -721,10 +783,7 @@ def cmd_emr_submit(args: argparse.Namespace) -> int:
 
     timeout = _duration(args.timeout)
     prefix = aws_config("emr.prefix")
-    try:
-        job_args = shlex.split(args.job_args)
-    except ValueError as exc:
-        raise InputError(f"--job-args: {exc}") from None
+    job_args = _job_args(args.job_args)
     try:
         steps = []
         if args.job in ("dask", "both"):
