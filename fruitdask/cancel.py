@@ -38,6 +38,9 @@ class StopToken:
         self._holds: list[str] = []
         #: How many times a stop was asked for (a second Ctrl-C is counted, not obeyed).
         self.requests = 0
+        #: The clean-up each request found running (recorded in the handler, said
+        #: by the supervisor even if the clean-up ended before it looked).
+        self.requests_during_hold: list[str] = []
 
     # -- asking
     def request(self, signum: int | None = None) -> None:
@@ -46,6 +49,8 @@ class StopToken:
             self.signum = signum
         self._requested = True
         self.requests += 1
+        if self._holds:
+            self.requests_during_hold.append(self._holds[-1])
 
     def fail(self, error: FruitdaskError) -> None:
         """Ask the run to stop with ``error`` (e.g. the output's lock was lost)."""

@@ -484,6 +484,13 @@ class Supervisor:
     def __init__(self) -> None:
         self.stop = StopToken()
 
+    def _tell_held(self, told: int) -> int:
+        """Say, for each signal that came during a clean-up that must finish
+        (recorded by the handler), that it does not skip it."""
+        for note in self.stop.requests_during_hold[told:]:
+            term.say(f"stopping: {note} (a further signal does not skip it)")
+        return len(self.stop.requests_during_hold)
+
     def run(self, body: Callable[[StopToken], T]) -> T:
         box: dict[str, Any] = {}
 
@@ -501,20 +508,20 @@ class Supervisor:
         try:
             thread.start()
             deadline = None
-            told = 0
+            announced, told = False, 0
             while thread.is_alive():
                 thread.join(0.1)
                 if self.stop.requested and deadline is None:
                     self.stop.fire()
                     deadline = time.monotonic() + self.GRACE
                 held = self.stop.held
-                if held and self.stop.requests > told:
-                    # cloud instances are being terminated: say so, and wait
-                    more = "" if told == 0 else " (a further signal does not skip it)"
-                    term.say(f"stopping: {held}{more}")
-                    told = self.stop.requests
+                if held and self.stop.requested and not announced:
+                    term.say(f"stopping: {held}")  # cloud instances going: say so, and wait
+                    announced = True
+                told = self._tell_held(told)
                 if deadline is not None and time.monotonic() > deadline and not held:
                     break
+            self._tell_held(told)
             self.stop.close()  # from here on nothing can commit
         finally:
             for s, h in previous.items():
