@@ -22,7 +22,6 @@ import io as _io
 import json
 import os
 import posixpath
-import queue
 import socket
 import stat
 import tempfile
@@ -465,34 +464,35 @@ def _unaddressable(key: str) -> str | None:
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | _CLOEXEC
-# Linux: look at what a name is (O_PATH opens nothing) before opening it, so a
-# link to a device is refused without opening the device (opening one can act:
-# a watchdog arms, a tape rewinds); the file is then reopened through
-# /proc/self/fd, the same inode, so it cannot be swapped in between.
-_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
+# A name is stat'ed before it is opened, so a link to a device is refused
+# without opening the device (opening one can act: a watchdog arms, a tape
+# rewinds); the opened descriptor must then be the same inode, so a swap in
+# between is caught rather than read.
 
 
 def _open_local(path: str | bytes, max_bytes: int | None) -> bytes:
     """A local file's bytes, refusing what is not a regular file without
-    opening it (Linux) and without blocking (``O_NONBLOCK``: a FIFO swapped in)."""
+    opening it, and without blocking (``O_NONBLOCK``: a FIFO swapped in).
+
+    ``stat`` first, so a link to a device or a FIFO is refused unopened; then
+    the opened descriptor must be the same regular file (a swap between the
+    two calls is caught). Five system calls, about what ``open().read()`` costs.
+    """
     try:
-        if _O_PATH:
-            handle = os.open(path, _O_PATH | _CLOEXEC)
-            try:
-                st = os.fstat(handle)
-                if not stat.S_ISREG(st.st_mode):
-                    raise _not_regular(path, st)
-                fd = os.open(f"/proc/self/fd/{handle}", _READ_FLAGS)
-            finally:
-                os.close(handle)
-        else:
-            fd = os.open(path, _READ_FLAGS)
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_regular(path, before)
+        fd = os.open(path, _READ_FLAGS)
     except OSError as exc:
         raise _open_error(path, exc) from None
     with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(path, st)
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_dev) != (before.st_ino, before.st_dev):
+            raise (
+                _not_regular(path, st)
+                if not stat.S_ISREG(st.st_mode)
+                else StorageError(f"{display_name(path)}: changed while it was being opened")
+            )
         if max_bytes is not None and st.st_size > max_bytes:
             raise StorageError(_too_large(st.st_size, max_bytes))
         limit = -1 if max_bytes is None else max_bytes + 1
@@ -550,7 +550,7 @@ def _open_error(path: str | bytes, exc: OSError) -> FruitdaskError:
 #: error row and the reads go on in a new thread; the blocked one is abandoned.
 LOCAL_READ_DEADLINE = 60.0
 #: Local files read ahead of the consumer (decoding overlaps the reads).
-_LOCAL_AHEAD = 8
+_LOCAL_AHEAD = 32
 
 
 def _read_one(path: bytes, max_bytes: int | None) -> bytes | FruitdaskError:
@@ -560,43 +560,77 @@ def _read_one(path: bytes, max_bytes: int | None) -> bytes | FruitdaskError:
         return translate(exc, display_name(path))
 
 
-def _local_reader(paths, max_bytes, results, room, stop) -> None:
-    for path in paths:
-        room.acquire()
-        if stop.is_set():
-            return
-        results.put(_read_one(path, max_bytes))
+class _LocalReader(threading.Thread):
+    """Reads ``paths`` in order ahead of their consumer, at most ``ahead`` files
+    ahead. The consumer takes results from ``done`` without a lock while the
+    reader is ahead (local reads are far quicker than decoding), so a file
+    costs no thread hand-off; it waits on ``cond`` only when it is ahead."""
+
+    def __init__(self, paths: list[bytes], max_bytes: int | None, ahead: int) -> None:
+        super().__init__(name="fruitdask-read", daemon=True)
+        self.paths, self.max_bytes, self.ahead = paths, max_bytes, ahead
+        self.done: list[bytes | FruitdaskError] = []
+        self.consumed = 0
+        self.stopped = False
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        for path in self.paths:
+            if len(self.done) - self.consumed >= self.ahead:
+                with self.cond:
+                    self.cond.wait_for(
+                        lambda: self.stopped or len(self.done) - self.consumed < self.ahead
+                    )
+            if self.stopped:
+                return
+            item = _read_one(path, self.max_bytes)
+            with self.cond:
+                self.done.append(item)
+                self.cond.notify_all()
+
+    def take(self, i: int, deadline: float) -> bytes | FruitdaskError | None:
+        """Result ``i``, or None when it did not come within ``deadline`` seconds."""
+        if i >= len(self.done):
+            with self.cond:
+                if not self.cond.wait_for(lambda: len(self.done) > i, deadline):
+                    return None
+        self.consumed = i + 1
+        if (i + 1) % 8 == 0:  # make room now and then, not at every file
+            with self.cond:
+                self.cond.notify_all()
+        return self.done[i]
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
 
 
 def _iter_local(
     paths: list[bytes], max_bytes: int | None, deadline: float
 ) -> Iterator[bytes | FruitdaskError]:
     """The files' bytes in order, read ahead by a thread; a file not read within
-    ``deadline`` seconds is yielded as an error and a new thread reads the rest."""
-    i = 0
-    while i < len(paths):
-        results: queue.SimpleQueue = queue.SimpleQueue()
-        room = threading.Semaphore(_LOCAL_AHEAD)
-        stop = threading.Event()
-        threading.Thread(target=_local_reader, args=(paths[i:], max_bytes, results, room, stop),
-                         name="fruitdask-read", daemon=True).start()  # fmt: skip
+    ``deadline`` seconds is yielded as an error and a new thread reads the rest
+    (the stuck one is abandoned: a hung network or FUSE read cannot be cut)."""
+    start = 0
+    while start < len(paths):
+        reader = _LocalReader(paths[start:], max_bytes, _LOCAL_AHEAD)
+        reader.start()
         try:
-            while i < len(paths):
-                try:
-                    item = results.get(timeout=deadline)
-                except queue.Empty:
+            for i in range(len(paths) - start):
+                item = reader.take(i, deadline)
+                if item is None:
                     yield StorageError(
-                        f"{display_name(paths[i])}: read did not finish within "
+                        f"{display_name(paths[start + i])}: read did not finish within "
                         f"{deadline:g} s (a hung file system?)"
                     )
-                    i += 1
-                    break  # that reader is stuck in the kernel: leave it, start another
-                room.release()
+                    start += i + 1
+                    break
                 yield item
-                i += 1
+            else:
+                return
         finally:
-            stop.set()
-            room.release(_LOCAL_AHEAD + 1)  # a reader waiting for room wakes and leaves
+            reader.stop()
 
 
 def _too_large(size: int, limit: int) -> str:
