@@ -72,16 +72,17 @@ def local_layout(
 ) -> tuple[int, int]:
     """``(workers, threads per worker)`` of a local cluster on ``cores`` cores.
 
-    Either given alone fills the cores with the other. With neither, two threads
-    per worker when the cores are even: decode and ORB release the GIL (two
-    threads in one process run the kernel 1.94x as fast as one), and every
-    worker process costs ~2 s of CPU to start (imports) and its own memory, so
-    on this project's 2-core machine one worker of two threads finishes the
-    20,000-image job ~1 s sooner than two of one (benchmarks/compare.py).
+    Either given alone fills the cores with the other. With neither, one
+    single-threaded worker process per core. Decode and ORB release the GIL, but
+    the Python around them (reading, rows, Arrow) does not: on this project's
+    2-core machine, 20,000 images extract in 3.5 s on two workers of one thread
+    and in 4.8 s on one worker of two threads, which outweighs the ~0.4 s more
+    CPU a second worker process costs to start (whole command 7.0-7.3 s against
+    7.5-7.7 s).
     """
     cores = cores or os.cpu_count() or 1
     if workers is None and threads is None:
-        threads = 2 if cores % 2 == 0 else 1
+        threads = 1
     if workers is None:
         workers = max(1, cores // int(threads or 1))
     if threads is None:

@@ -306,7 +306,7 @@ class ClusterSpec:
         kind=int,
     )
     threads_per_worker: int | None = setting(
-        None, "threads per worker (default: 2 when the cores are even)", minimum=1, maximum=256,
+        None, "threads per worker (default: 1, or the cores over --workers)", minimum=1, maximum=256,
         kind=int,
     )  # fmt: skip
     memory_limit: str | None = setting("auto", "per-worker memory limit, e.g. 4GiB", kind=str)
