@@ -561,7 +561,7 @@ def chart(res: dict[str, Any], path: Path) -> None:
     engines = list(res["engines"])
     parts = [*STAGES, "other"]
     colours = ["#999999", "#b3cde3", "#1f78b4", "#33a02c", "#fb9a99", "#dddddd"]
-    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.7 * len(engines)))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.7 * len(engines)), layout="constrained")
     for i, e in enumerate(engines):
         st = res["engines"][e]["median"]
         left = 0.0
@@ -584,9 +584,10 @@ def chart(res: dict[str, Any], path: Path) -> None:
     ax.set_title(
         f"{res['images']:,} images, {res['cores']} cores; raw kernel {k:,.0f} images/s", fontsize=10
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=6, fontsize=8, frameon=False)
+    # "outside" places the legend under the axes with the layout engine's own
+    # spacing (a fixed bbox_to_anchor left a gap that grew with the figure)
+    fig.legend(loc="outside lower center", ncol=6, fontsize=8, frameon=False)
     ax.set_xlim(0, ax.get_xlim()[1] * 1.2)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -8,9 +8,8 @@ Measures, alternating, K times:
 * ``kernel-1``: read + decode + ORB over every file in one process (a plain loop);
 * ``kernel-N``: the same loop split over N processes (what the cores can do);
 * ``pipeline``: ``fruitdask.pipeline.run`` end to end (listing to ``_SUCCESS``) on a
-  local Dask cluster in fruitdask's default layout for N cores (one worker of two
-  threads on 2 cores); cluster start-up is timed and
-  reported separately, as it is paid once per session.
+  local Dask cluster in fruitdask's default layout for N cores (N single-threaded
+  workers); cluster start-up is timed and reported separately, as it is paid once per session.
 
 Prints images/s for each and the ratio pipeline / kernel-N (the issue's goal is
 >= 70% at 20,000 images). Data is generated in a setup step, never timed.

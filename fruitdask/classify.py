@@ -35,7 +35,7 @@ import pandas as pd
 from fruitdask import encode, io, metrics, pipeline
 from fruitdask.bovw import Encoder, Vocabulary, fit_vocabulary
 from fruitdask.cancel import StopToken
-from fruitdask.config import RunConfig
+from fruitdask.config import RunConfig, absolute
 from fruitdask.errors import FruitdaskError, InputError, ModelError, StorageError
 from fruitdask.features import DEFAULT_MAX_PIXELS, max_file_bytes
 from fruitdask.model import (
@@ -458,7 +458,7 @@ def _publish_model(cfg, out, run: RunState, opts, rows, manifest, reused, pca, v
     }
     meta = {
         "run_id": run.run_id,
-        "input": cfg.input,
+        "input": absolute(cfg.input),
         "features_run_id": manifest["run_id"],
         "class_counts": {str(k): int(v) for k, v in zip(classes, class_counts, strict=True)},
         "images": int(len(rows)),
@@ -488,7 +488,7 @@ def _publish_model(cfg, out, run: RunState, opts, rows, manifest, reused, pca, v
         timings=timer.rounded(),
     )
     doc = {
-        "input": cfg.input,
+        "input": absolute(cfg.input),
         "config": cfg.public_dict(),
         "train": asdict(opts),
         "features": {"output": "pipeline", "reused": reused, "run_id": manifest["run_id"],
@@ -563,7 +563,7 @@ def evaluate(
         out = prepare_output(output, so, EVAL_FORMAT, {"input": (input_url, so)}, stop)
     assert out.lease is not None, "prepare_output() locks the output first"
     run_id = out.lease.run_id
-    run = out.start(run_id, {"model": model.meta.get("run_id"), "input": input_url}, [],
+    run = out.start(run_id, {"model": model.meta.get("run_id"), "input": absolute(input_url)}, [],
                     files=[_run_name(n, run_id) for n in EVAL_FILES])  # fmt: skip
     try:
         with timer("encode"):
@@ -667,7 +667,7 @@ def _evaluation_manifest(model, input_url, split, rows, batch, scored, timer) ->
     base = scored["baseline"]
     return {
         "model": {"run_id": model.meta.get("run_id"), "kind": model.kind, "k": model.encoder.k},
-        "input": input_url,
+        "input": absolute(input_url),
         "split": split,
         "counts": {
             "images": len(rows),

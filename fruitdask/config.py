@@ -10,6 +10,7 @@ dask-cloudprovider's ``config.py``). ``python -m fruitdask config`` prints them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -20,6 +21,7 @@ from fruitdask.features import OrbParams
 
 __all__ = [
     "PCA_METHODS",
+    "absolute",
     "ClusterSpec",
     "OrbSettings",
     "RunConfig",
@@ -179,6 +181,16 @@ def resolve(cls: type, explicit: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the settings
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (as a run records it: a relative path means
+    nothing once the shell that typed it is gone); a URL as given."""
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one ``fruitdask run`` needs, validated on construction.
@@ -275,6 +287,7 @@ class RunConfig:
         d = asdict(self)
         d.pop("storage_options")
         d.pop("output_storage_options")
+        d["input"], d["output"] = absolute(self.input), absolute(self.output)
         return d
 
 

@@ -33,7 +33,7 @@ import pandas as pd
 from fruitdask import features, io, source, tables
 from fruitdask.cancel import StopToken
 from fruitdask.cluster import gather_as_completed, n_threads, usage
-from fruitdask.config import RunConfig
+from fruitdask.config import RunConfig, absolute
 from fruitdask.errors import FruitdaskError, InputError, retrying
 from fruitdask.output import (
     OutputDir,
@@ -536,7 +536,7 @@ def manifest_of(job: Job, s: RunSummary, client) -> dict[str, Any]:
     unlisted = job.listing.attrs.get("unlisted") or []
     return {
         "engine": "dask",
-        "input": cfg.input,
+        "input": absolute(cfg.input),
         "config": cfg.public_dict(),
         "storage_options": recordable_options(cfg.storage_options),
         "cluster": cluster,

@@ -26,7 +26,7 @@ import pandas as pd
 
 from fruitdask import io, source, tables
 from fruitdask.cancel import StopToken
-from fruitdask.config import RunConfig
+from fruitdask.config import RunConfig, absolute
 from fruitdask.errors import FruitdaskError, JobError, OutputExistsError, one_line, retrying
 from fruitdask.output import OutputDir, RunState, library_versions, new_run_id, recordable_options
 from fruitdask.pca import PcaModel
@@ -249,7 +249,7 @@ def _manifest(cfg, s: RunSummary, counts, spark, profile, src: Source, cores) ->
         executors = None
     return {
         "engine": "spark",
-        "input": cfg.input,
+        "input": absolute(cfg.input),
         "config": cfg.public_dict(),
         "storage_options": recordable_options(cfg.storage_options),
         "cluster": {"workers": executors, "threads": cores, "master": sc.master,

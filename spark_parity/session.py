@@ -192,16 +192,20 @@ def _cache_dir() -> Path:
 def cds_archive_path() -> Path:
     """Where the class-data-sharing archive for this pyspark + Java lives.
 
-    The name hashes the pyspark version, its jars and the exact Java build: an
-    archive from another JVM or classpath is never used (a mismatched or
+    The name hashes the pyspark version, where its jars are and which, and the
+    exact Java build: an archive from another JVM, venv or classpath is never
+    used (a mismatched or
     truncated archive can crash the JVM, so it is only ever renamed into place
     whole, by :func:`build_cds_archive`).
     """
     import pyspark
 
     exe, _ = find_java()
-    jars = sorted(os.listdir(os.path.join(os.path.dirname(pyspark.__file__), "jars")))
-    key = json.dumps([pyspark.__version__, os.path.realpath(exe), _java_version(exe), jars])
+    jars_dir = os.path.realpath(os.path.join(os.path.dirname(pyspark.__file__), "jars"))
+    jars = sorted(os.listdir(jars_dir))
+    key = json.dumps(
+        [pyspark.__version__, os.path.realpath(exe), _java_version(exe), jars_dir, jars]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return _cache_dir() / f"spark-{pyspark.__version__}-{digest}.jsa"
 
