@@ -61,6 +61,11 @@ class StopToken:
     def requested(self) -> bool:
         return self._requested
 
+    @property
+    def error(self) -> FruitdaskError | None:
+        """The error :meth:`fail` recorded, if any."""
+        return self._error
+
     # -- the run's side
     def check(self) -> None:
         """Raise :class:`Cancelled` (or the recorded error) if a stop was requested."""

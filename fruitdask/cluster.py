@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +26,7 @@ from fruitdask.errors import ClusterError, InputError, one_line
 
 __all__ = [
     "MIN_WORKER_MEMORY",
+    "MemoryWatch",
     "STRICT_PACKAGES",
     "WAIT_FOR_WORKERS_S",
     "check_address",
@@ -359,6 +361,91 @@ def gather_as_completed(
     finally:
         unregister()
     return results
+
+
+class MemoryWatch:
+    """Watches the workers' memory while a command waits on them.
+
+    A worker whose memory passes distributed's pause threshold (80% of its
+    limit by default) stops running tasks until it falls back, and a run that
+    waits on it may wait for good. One paused for ``patience`` seconds in a row
+    stops the run (:meth:`StopToken.fail` with a :class:`ClusterError` naming
+    it, then the stop's cancel callbacks); :meth:`note` is the memory pressure
+    for the progress line. Polls the scheduler every ``every`` seconds (one
+    small request), in a thread, from ``__enter__`` to ``__exit__``.
+    """
+
+    def __init__(self, client, stop: StopToken, patience: float, every: float = 1.0) -> None:
+        self.client, self.stop, self.patience, self.every = client, stop, patience, every
+        self.paused_since: dict[str, float] = {}
+        self.pressure = ""
+        self.polls = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fruitdask-memory", daemon=True)
+
+    def __enter__(self) -> MemoryWatch:
+        if self._poll():  # the first at once: the progress line has its note from the start
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def note(self) -> str:
+        """e.g. ``memory: busiest worker at 63% of its limit``; ``""`` before a poll."""
+        return self.pressure
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every) and self._poll():
+            pass
+
+    def _poll(self) -> bool:
+        """One look; False when there is nothing more to watch."""
+        try:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:  # noqa: BLE001 - a closing client: the run says why
+            return self.client.status not in ("closing", "closed")
+        self.polls += 1
+        error = self.check(workers, time.monotonic())
+        if error is not None:
+            self.stop.fail(error)
+            self.stop.fire()
+            return False
+        return True
+
+    def check(self, workers: Mapping[str, Any], now: float) -> ClusterError | None:
+        """Update the pressure note from the scheduler's ``workers`` info; the
+        error to stop with when one has been paused ``patience`` s."""
+        import dask
+
+        busiest, paused = 0.0, []
+        for address, w in workers.items():
+            limit = float(w.get("memory_limit") or 0)
+            used = float((w.get("metrics") or {}).get("memory") or 0)
+            if limit:
+                busiest = max(busiest, used / limit)
+            if w.get("status") == "paused":
+                paused.append(
+                    (address, now - self.paused_since.setdefault(address, now), used, limit)
+                )
+            else:
+                self.paused_since.pop(address, None)
+        self.pressure = f"memory: busiest worker at {busiest:.0%} of its limit" + (
+            f", {len(paused)} paused" if paused else ""
+        )
+        for address, held, used, limit in paused:
+            if held >= self.patience:
+                pause = dask.config.get("distributed.worker.memory.pause", 0.8)
+                return ClusterError(
+                    f"worker {address} has been paused for {held:.0f} s: its memory "
+                    f"({used / 2**20:,.0f} MiB) is over the pause threshold ({pause:.0%} "
+                    f"of its {limit / 2**20:,.0f} MiB limit), so it runs nothing; give "
+                    "workers more memory (--memory-limit) or fewer threads each, or "
+                    "raise --pause-timeout"
+                )
+        return None
 
 
 # ---------------------------------------------------------------- remote clusters

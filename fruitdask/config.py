@@ -333,6 +333,10 @@ class ClusterSpec:
     connect_timeout: float = setting(
         10.0, "seconds to wait for an existing scheduler", minimum=0.1, maximum=3600
     )
+    pause_timeout: float = setting(
+        60.0, "seconds a worker may stay paused (its memory over the pause threshold) "
+        "before the run stops with an error", minimum=1, maximum=86400,
+    )  # fmt: skip
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,8 @@ def test_json_is_the_only_thing_on_stdout(cli, sample_dir):
     assert s["images"] == s["ok"] == n and s["run_id"]
     assert s["descriptors"] == pq.read_table(out / "features").num_rows
     assert "extract:" in r.stderr and "Dask dashboard" in r.stderr  # progress goes to stderr
+    last = [x for x in r.stderr.splitlines() if x.startswith(f"extract: {s['partitions']}/")]
+    assert re.search(r", memory: busiest worker at \d+% of its limit$", last[-1]), last
     assert s["report"] and Path(s["report"]).exists()
 
 

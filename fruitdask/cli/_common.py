@@ -318,8 +318,22 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 
 
 @contextlib.contextmanager
-def open_cluster(spec: ClusterSpec, stop: StopToken) -> Iterator[tuple[Any, float]]:
-    """``(client, startup_seconds)`` for ``spec``: local, a scheduler, or EC2."""
+def open_cluster(
+    spec: ClusterSpec, stop: StopToken, progress: ProgressPrinter | None = None
+) -> Iterator[tuple[Any, float]]:
+    """``(client, startup_seconds)`` for ``spec``: local, a scheduler, or EC2;
+    its workers' memory watched while it is open (:class:`MemoryWatch`)."""
+    from fruitdask.cluster import MemoryWatch
+
+    with _cluster(spec, stop) as (client, startup):
+        with MemoryWatch(client, stop, spec.pause_timeout) as watch:
+            if progress is not None:
+                progress.pressure = watch.note
+            yield client, startup
+
+
+@contextlib.contextmanager
+def _cluster(spec: ClusterSpec, stop: StopToken) -> Iterator[tuple[Any, float]]:
     if spec.kind == "ec2":
         from distributed import Client
 
@@ -410,6 +424,8 @@ class ProgressPrinter:
         self.bar: Any = None
         self.bar_stage = ""
         self._pending: threading.Timer | None = None
+        #: A short note on the cluster's memory, added to task progress.
+        self.pressure: Callable[[], str] | None = None
         self.t0 = time.perf_counter()
         self.last = 0.0
 
@@ -431,13 +447,16 @@ class ProgressPrinter:
         unit = _UNITS.get(stage, "items")
         now = time.perf_counter()
         rate = items / max(now - self.t0, 1e-9)
+        memory = self.pressure() if self.pressure is not None else ""
         if self.tty:
-            self._bar(stage, done, total, items, unit, rate)
+            self._bar(stage, done, total, f"{items:,} {unit}, {rate:,.0f}/s"
+                      + (f", {memory}" if memory else ""))  # fmt: skip
             return
         if done != total and now - self.last < self.EVERY:
             return
         self.last = now
-        self._line(f"{stage}: {done}/{total} tasks, {items:,} {unit} ({rate:,.0f}/s)")
+        self._line(f"{stage}: {done}/{total} tasks, {items:,} {unit} ({rate:,.0f}/s)"
+                   + (f", {memory}" if memory else ""))  # fmt: skip
 
     def note(self, line: str) -> None:
         """A line from a stage that has no task counts (e.g. KMeans iterations)."""
@@ -446,7 +465,7 @@ class ProgressPrinter:
         else:
             self._line(line)
 
-    def _bar(self, stage: str, done: int, total: int, items: int, unit: str, rate: float):
+    def _bar(self, stage: str, done: int, total: int, postfix: str) -> None:
         from tqdm import tqdm
 
         if self.bar is None or self.bar_stage != stage:
@@ -454,7 +473,7 @@ class ProgressPrinter:
             self.bar = tqdm(total=total, desc=stage, unit="task", file=self.stream, leave=True,
                             dynamic_ncols=True)  # fmt: skip
             self.bar_stage = stage
-        self.bar.set_postfix_str(f"{items:,} {unit}, {rate:,.0f}/s", refresh=False)
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(done - self.bar.n)
 
     def _close(self) -> None:
@@ -535,7 +554,7 @@ class Supervisor:
         if self.stop.requested and not isinstance(error, FruitdaskError | None):
             error = None  # whatever a cancelled future raised: it is the stop
         if self.stop.requested and (error is None or isinstance(error, Cancelled)):
-            raise Cancelled(self.stop.signum)
+            raise self.stop.error or Cancelled(self.stop.signum)
         if error is None:  # pragma: no cover - the thread always leaves one
             raise Cancelled(self.stop.signum)
         raise error

@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 term.say(f"input: {cfg.input} ({len(listing):,} images, "
                          f"{rows['label'].nunique()} labels in the training rows)")  # fmt: skip
             pipeline.preload("incremental", wait=False)
-            with open_cluster(spec, stop) as (client, startup):
+            with open_cluster(spec, stop, progress) as (client, startup):
                 timer.record("startup", startup)
                 show_dashboard(client, spec, args.quiet)
                 summary = classify.train(cfg, client, opts, rows, out, progress,
@@ -230,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             out = classify.prepare_output(args.output, so, classify.EVAL_FORMAT,
                                           {"input": (args.input, so)}, stop)  # fmt: skip
         try:
-            with open_cluster(spec, stop) as (client, startup):
+            with open_cluster(spec, stop, progress) as (client, startup):
                 timer.record("startup", startup)
                 show_dashboard(client, spec, args.quiet)
                 summary = classify.evaluate(model, args.input, args.output, client, so, rows, out,

@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 labels = listing["label"].nunique()
                 term.say(f"input: {cfg.input} ({len(listing):,} images, {labels} labels)")
             pipeline.preload(cfg.pca_method, wait=False)  # overlaps the cluster start
-            with open_cluster(spec, stop) as (client, startup):
+            with open_cluster(spec, stop, progress) as (client, startup):
                 timer.record("startup", startup)
                 show_dashboard(client, spec, args.quiet)
                 with performance_report(args.report):
@@ -244,9 +244,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         try:
             if job.already_complete:
                 return job.summary
-            with open_cluster(spec, stop) as (client, _):
+            progress = None if args.quiet else ProgressPrinter()
+            with open_cluster(spec, stop, progress) as (client, _):
                 show_dashboard(client, spec, args.quiet)
-                progress = None if args.quiet else ProgressPrinter()
                 return pack.run_pack(job, client, args.shard_size, args.row_group_size,
                                      progress, stop)  # fmt: skip
         finally:
