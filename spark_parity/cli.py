@@ -168,13 +168,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else ProgressPrinter()
     timer = Timer(progress.stage if progress else None, startup=0.0)
 
-    # no usable pyspark or Java: one line, before anything is listed or locked
-    session.import_pyspark()
-    session.find_java()
+    def environment() -> None:  # no usable pyspark or Java: one line, before listing
+        session.import_pyspark()
+        session.find_java()
 
     def body(stop):
         with timer("listing"):
-            listing, out = job.preflight(cfg, args.native_s3, args.reader, stop)
+            listing, out = job.preflight(cfg, args.native_s3, args.reader, stop, environment)
         try:
             if not args.quiet:
                 what = f"{len(listing):,} images" if listing is not None else "listed by Spark"

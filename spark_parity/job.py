@@ -47,9 +47,12 @@ def preflight(
     native_s3: bool = False,
     reader: str | None = None,
     stop: StopToken | None = None,
+    environment: Callable[[], None] | None = None,
 ) -> tuple[pd.DataFrame | None, OutputDir]:
     """Check the input and the output, and lock the output, before Spark starts
-    (a typo costs no JVM start-up).
+    (a typo costs no JVM start-up). ``environment`` (pyspark and Java present)
+    is called after the paths' own checks and the listing (a wrong path is the
+    likelier mistake), before the output is locked.
 
     Returns
     -------
@@ -62,13 +65,15 @@ def preflight(
     """
     choose_reader(cfg, native_s3, reader)
     io.check_reachable(cfg.input, cfg.storage_options)
-    listing = None if native_s3 else retrying(source.list_input)(cfg.input, cfg.storage_options)
     out = OutputDir(cfg.output, cfg.out_storage_options)
     state = out.check("overwrite", {"input": (cfg.input, cfg.storage_options)})
     if state != "empty" and not cfg.overwrite:  # this job does not resume: one way out
         raise OutputExistsError(
             f"{cfg.output}: output already exists (use --overwrite to replace it)"
         )
+    listing = None if native_s3 else retrying(source.list_input)(cfg.input, cfg.storage_options)
+    if environment is not None:
+        environment()
     out.lock(new_run_id(), stop=stop)
     return listing, out
 
