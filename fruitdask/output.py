@@ -154,8 +154,9 @@ def _host() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-#: Run ids whose lease this process holds now (a lease of this process that is
-#: not among them was left by a run that failed to delete it: the store was down).
+#: Run ids whose lease this process holds or is taking now (a lease of this
+#: process that is not among them was left by a run that failed to delete it:
+#: the store was down).
 _HELD: set[str] = set()
 
 
@@ -222,6 +223,19 @@ class Lease:
         return False
 
     def acquire(self) -> Lease:
+        # Marked as held *before* the create: another thread of this process that
+        # loses the create must not find our fresh lock "ours, not held" and take it.
+        _HELD.add(self.run_id)
+        try:
+            self._take()
+        except BaseException:
+            _HELD.discard(self.run_id)
+            raise
+        self._thread = threading.Thread(target=self._beat, name="fruitdask-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self) -> None:
         if io.put_if_absent(self.url, self._doc(), self.so):
             _, self._version = io.read_versioned(self.url, self.so)
         else:
@@ -233,16 +247,12 @@ class Lease:
             if not isinstance(holder, dict):
                 holder = {}
             if text is None:  # released between our two calls
-                return self.acquire()
+                return self._take()
             if not self._stale(holder) or version is None:
                 raise LockedError(self._held_message(holder))
             if not io.replace_if(self.url, self._doc(), version, self.so):
                 raise LockedError(self._held_message(holder))
             _, self._version = io.read_versioned(self.url, self.so)
-        _HELD.add(self.run_id)
-        self._thread = threading.Thread(target=self._beat, name="fruitdask-lease", daemon=True)
-        self._thread.start()
-        return self
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         out = self.url.rsplit("/" + _LOCK, 1)[0]
