@@ -1,6 +1,6 @@
 """Dask against Spark, Ray Data and Daft on the same images and the same cores, in one run.
 
-    python benchmarks/compare.py [--input URL | --images N [--s3]] [--repeat K] [--cores N]
+    python benchmarks/compare.py [--input URL | --images N [--s3]] [--packed] [--repeat K] [--cores N]
                                  [--engines dask,spark,ray,daft] [--out DIR] [--with-seed]
                                  [--endpoint-url URL] [--storage-option KEY=VALUE ...]
                                  [--data-dir DIR]
@@ -36,7 +36,10 @@ default a new folder ``bench-results/compare-<time>``; the committed
 prints the table. Data is generated (and uploaded, with ``--s3``) in a setup
 step, never timed. ``--s3`` starts a SeaweedFS server on loopback (the tests'
 :class:`fruitdask.testing.S3Server`) and runs everything against it, outputs
-included.
+included. ``--packed`` packs the input into Parquet shards first (``fruitdask
+pack``, set-up) and runs every engine, and the kernel, on the pack: Dask and
+Spark through fruitdask's pack reader, Ray and Daft with their own
+``read_parquet``.
 """
 
 from __future__ import annotations
@@ -217,15 +220,15 @@ def run_engine(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str,
 
 
 # ---------------------------------------------------------------- kernel
-def _kernel_chunk(args: tuple[str, list[str], dict[str, Any]]) -> int:
-    from fruitdask import io
+def _kernel_chunk(args: tuple[str, Any, dict[str, Any]]) -> int:
+    from fruitdask import source
     from fruitdask.features import OrbParams, extract
 
-    root, paths, so = args
+    root, rows, so = args
     params = OrbParams()
     orb = params.create()
     n = 0
-    for blob in io.iter_objects(root, paths, so):
+    for blob in source.iter_images(root, rows, so):  # loose files or a pack's row groups
         if isinstance(blob, bytes):
             n += len(extract(blob, params, orb).descriptors)
     return n
@@ -245,12 +248,12 @@ def _pool_cpu(pool: ProcessPoolExecutor) -> float:
 
 
 def kernel(
-    pool: ProcessPoolExecutor, root: str, paths: list[str], so: dict
+    pool: ProcessPoolExecutor, root: str, listing: Any, so: dict
 ) -> tuple[float, float, int]:
-    """Seconds and CPU seconds for read + decode + ORB of ``paths`` on the pool's
-    processes, and the number of descriptors found."""
+    """Seconds and CPU seconds for read + decode + ORB of the images of
+    ``listing`` on the pool's processes, and the number of descriptors found."""
     chunk = 250
-    chunks = [(root, paths[i : i + chunk], so) for i in range(0, len(paths), chunk)]
+    chunks = [(root, listing.iloc[i : i + chunk], so) for i in range(0, len(listing), chunk)]
     cpu = _pool_cpu(pool)
     t = time.perf_counter()
     n = sum(pool.map(_kernel_chunk, chunks))
@@ -630,6 +633,19 @@ def _env(so: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _pack(inp: str, so: dict[str, Any], work: Path) -> str:
+    """``fruitdask pack`` of ``inp`` beside it (S3) or in ``work`` (local): the
+    layout the deploy guide recommends for many small images on S3."""
+    dst = f"{inp.rstrip('/')}-packed" if "://" in inp else str(work / "packed")
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "fruitdask", "pack", inp, dst, "--quiet", *_storage_args(so)]
+    got = subprocess.run(cmd, env=_env(so), capture_output=True, text=True, cwd=REPO)
+    if got.returncode != 0:
+        raise RuntimeError(f"fruitdask pack failed: {got.stderr.strip()}")
+    print(f"packed {inp} into {dst} in {time.perf_counter() - t:.0f}s")
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -637,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--images", type=int, default=20_000, help="generated images (20000)")
     ap.add_argument("--s3", action="store_true", help="serve the images from a local SeaweedFS")
     ap.add_argument("--data-dir", help="where to generate the images (default: a temp cache)")
+    ap.add_argument("--packed", action="store_true",
+                    help="pack the input into Parquet shards first (fruitdask pack; set-up, "
+                         "not timed) and run every engine on the pack")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=2, help="rounds (2)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     ap.add_argument(
@@ -692,10 +711,11 @@ def main(argv: list[str] | None = None) -> int:
                 inp = f"{bucket}/fruits"
         else:
             inp = args.input
+        if args.packed:
+            inp = _pack(inp, so, work)
         remote = "://" in inp and not inp.startswith("file://")
         listing = source.list_input(inp, so)
-        paths = listing["path"].tolist()
-        n = len(paths)
+        n = len(listing)
         if args.engines:
             engines = [e.strip() for e in args.engines.split(",") if e.strip()]
             engines = list(dict.fromkeys(ALIASES.get(e, e) for e in engines))
@@ -738,9 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         # s3fs) that a forked child inherits in a broken state.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.cores, mp_context=ctx) as pool:
-            kernel(pool, inp, paths[: 50 * args.cores], so)  # start and warm the processes
+            kernel(pool, inp, listing.iloc[: 50 * args.cores], so)  # start and warm the processes
             for k in range(args.repeat):
-                sec, cpu, n_desc = kernel(pool, inp, paths, so)
+                sec, cpu, n_desc = kernel(pool, inp, listing, so)
                 kernel_runs["seconds"].append(sec)
                 kernel_runs["cpu_s"].append(cpu)
                 kernel_runs["images_per_s"].append(n / sec)

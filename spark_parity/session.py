@@ -210,6 +210,34 @@ def cds_archive_path() -> Path:
     return _cache_dir() / f"spark-{pyspark.__version__}-{digest}.jsa"
 
 
+def _wait_for_session(sid: int, deadline: float) -> None:
+    """Wait until every process of session ``sid`` (the JVM a run left) has
+    exited; on the deadline kill them and raise ``TimeoutExpired``."""
+    import psutil
+
+    members = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid:
+                members.append(p)
+    _, alive = psutil.wait_procs(members, timeout=max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if alive:
+        raise subprocess.TimeoutExpired(f"session {sid}", 0)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Archives half-written by builds whose process is gone (~200 MB each)."""
+    import psutil
+
+    for old in target.parent.glob(f"{target.stem}.*.partial"):
+        pid = old.name[len(target.stem) + 1 :].split("-", 1)[0]
+        if not pid.isdigit() or not psutil.pid_exists(int(pid)):
+            old.unlink(missing_ok=True)
+
+
 def build_cds_archive(timeout: float = 600) -> Path:
     """Write the class-data-sharing archive :class:`SparkSpec` ``fast_start`` uses.
 
@@ -232,21 +260,30 @@ def build_cds_archive(timeout: float = 600) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
     partial = target.with_name(f"{target.stem}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
     with tempfile.TemporaryDirectory(prefix="fruitdask-cds-") as tmp:
         sample.generate(os.path.join(tmp, "in"), classes=2, per_class=20, seed=0, workers=1)
         cmd = [sys.executable, "-m", "spark_parity", "run", "--input", os.path.join(tmp, "in"),
                "--output", os.path.join(tmp, "out"), "--master", "local[2]", "--quiet",
                "--no-cds", f"--java-option=-XX:ArchiveClassesAtExit={partial}"]  # fmt: skip
+        deadline = time.monotonic() + timeout
         try:
-            # the JVM inherits the output pipes: this returns once it has exited
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            # In a session of its own: the JVM outlives the Python process (it
+            # exits when the gateway's pipe closes, and then writes the archive),
+            # and its output goes to the log file, not to our pipes.
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True) as proc:  # fmt: skip
+                try:
+                    _, stderr = proc.communicate(timeout=timeout)
+                finally:
+                    _wait_for_session(proc.pid, deadline)
         except subprocess.TimeoutExpired:
             partial.unlink(missing_ok=True)
             raise SparkUnavailable(f"building {target} took more than {timeout:.0f}s") from None
     if proc.returncode != 0 or not partial.exists() or partial.stat().st_size == 0:
         partial.unlink(missing_ok=True)
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (stderr.strip().splitlines() or ["no archive written, no error printed"])[-1]
         raise SparkUnavailable(f"could not build the class-data-sharing archive: {tail}")
     os.replace(partial, target)
     return target

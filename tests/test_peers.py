@@ -1,7 +1,8 @@
 """The peer jobs (benchmarks/peers: Ray Data, Daft) against the kernel itself.
 
 Each peer runs as its own command on a tiny generated tree (plus an undecodable
-file and an image too small for keypoints), and what it wrote is read the way
+file and an image too small for keypoints), and on the same tree packed into
+Parquet shards (``fruitdask pack``), and what it wrote is read the way
 a careful reader reads it (the manifest's files, after ``_SUCCESS``) and
 compared with direct calls of :func:`fruitdask.features.extract` on the same
 files: the (path, descriptor) multiset, each image's status and keypoint count,
@@ -86,11 +87,26 @@ def _read(out: Path, table: str):
     return ds.dataset(files, format="parquet").to_table(), files
 
 
-@pytest.fixture(scope="module", params=sorted(PEERS))
+@pytest.fixture(scope="module")
+def tiny_packed(tiny, dask_client, tmp_path_factory) -> Path:
+    """The same images packed into Parquet shards (``fruitdask pack``), which
+    each peer reads with its own ``read_parquet``."""
+    from fruitdask import pack
+
+    dst = tmp_path_factory.mktemp("peers-packed") / "packed"
+    pack.pack(str(tiny), str(dst), dask_client, shard_size=5, row_group_size=2)
+    return dst
+
+
+@pytest.fixture(scope="module", params=[(e, layout) for e in sorted(PEERS)
+                                        for layout in ("loose", "packed")],
+                ids=lambda p: "-".join(p))  # fmt: skip
 def peer(request, tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"out-{request.param}") / "result"
-    summary = _run(request.param, tiny, out)
-    return request.param, out, summary
+    engine, layout = request.param
+    inp = tiny if layout == "loose" else request.getfixturevalue("tiny_packed")
+    out = tmp_path_factory.mktemp(f"out-{engine}-{layout}") / "result"
+    summary = _run(engine, inp, out)
+    return engine, out, summary
 
 
 def test_success_and_manifest(peer, expected):

@@ -721,3 +721,22 @@ def test_compare_end_to_end(cli, tmp_path):
             assert len(raw["stages_s"][stage]) == 1
     assert (out / "results.md").read_text().startswith("| engine |")
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_cds_archive_is_built_once_then_used(cli, sample_dir, tmp_path):
+    """``spark_parity cds`` builds the class-data-sharing archive in a private
+    cache. The JVM writes it after the Python process has exited (when its
+    gateway pipe closes), so the build must wait for that JVM: it once checked
+    too early and failed with every archive written a moment later."""
+    r = cli.run("cds", module="spark_parity", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = Path(r.stdout.split(" (", 1)[0])
+    assert path.is_file() and path.stat().st_size > 50 * 2**20, r.stdout
+    assert str(path).startswith(str(cli.home / "cache")) and "built in" in r.stdout
+    assert list(path.parent.glob("*.partial")) == []
+    r = cli.run("cds", module="spark_parity")
+    assert r.returncode == 0 and "already there" in r.stdout, r.stderr[-3000:]
+    # a run maps it without a word from the JVM (a rejected archive warns)
+    r = cli.run("run", "--input", str(sample_dir), "--output", str(tmp_path / "o"), "--quiet",
+                module="spark_parity")  # fmt: skip
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]

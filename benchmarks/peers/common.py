@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from fruitdask import features, io
+from fruitdask.errors import StorageError
 from fruitdask.pca import Moments, PcaModel, combine_moments, exact_pca, moments
 
 #: Extensions fruitdask lists (any case), without the dot.
@@ -128,6 +129,34 @@ def arrow_s3(so: dict[str, Any]):
         if s["token"]:
             kw["session_token"] = s["token"]
     return pafs.S3FileSystem(**kw)
+
+
+# ---------------------------------------------------------------- packed input
+#: The columns of a pack's shards the jobs read (``fruitdask.pack.PACK_SCHEMA``).
+PACK_COLUMNS = ["path", "label", "split", "size", "bytes", "error"]
+
+
+def packed_shards(url: str, so: dict[str, Any]) -> tuple[list[str], int] | None:
+    """The shard files (engine paths: ``bucket/key`` or absolute) and image count
+    of a committed ``fruitdask pack`` at ``url``; None for a folder of images.
+    Reading a pack means reading its Parquet shards, which every engine does
+    natively (``read_parquet``), one request per row group instead of per image."""
+    from fruitdask.output import read_committed
+
+    manifest = read_committed(url, so)
+    if not manifest or not str(manifest.get("format", "")).startswith("fruitdask-pack/"):
+        return None
+    root = strip_scheme(url)
+    return [f"{root}/{f}" for f in manifest["files"]["shards"]], int(manifest["images"])
+
+
+def packed_blobs(data: list[bytes | None], errors: list[str | None]) -> list[Any]:
+    """A packed batch's image bytes; a row the packer could not read (null bytes)
+    becomes an error naming why, as a loose file that failed to read would."""
+    return [
+        b if b is not None else StorageError(e or "unreadable when packed")
+        for b, e in zip(data, errors, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------- descriptors

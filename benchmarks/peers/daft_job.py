@@ -119,7 +119,8 @@ def _relative(path: str, root: str) -> str:
 
 
 def build_udfs(root: str, params: OrbParams, batch_size: int | None, use_process: bool | None):
-    """The batch UDFs: keys of the listing, the kernel, the projection factory."""
+    """The batch UDFs: keys of the listing, the kernel (on downloaded and on packed
+    bytes), the projection factory."""
     import daft
     from daft import DataType, Series
 
@@ -149,11 +150,7 @@ def build_udfs(root: str, params: OrbParams, batch_size: int | None, use_process
         }
     )
 
-    @daft.func.batch(
-        return_dtype=orb_type, unnest=True, batch_size=batch_size, use_process=use_process
-    )
-    def orb(data: Series, rel: Series, size: Series) -> pa.Array:
-        blobs = [b if b is not None else OSError("download failed") for b in data.to_pylist()]
+    def orb_struct(blobs: list, rel: Series, size: Series) -> pa.Array:
         rows = pd.DataFrame(
             {
                 "path": rel.to_pylist(),
@@ -172,6 +169,21 @@ def build_udfs(root: str, params: OrbParams, batch_size: int | None, use_process
             names=["width", "height", "n_keypoints", "status", "error", "descriptor"],
         )  # fmt: skip
 
+    batch = daft.func.batch(
+        return_dtype=orb_type, unnest=True, batch_size=batch_size, use_process=use_process
+    )
+
+    @batch
+    def orb(data: Series, rel: Series, size: Series) -> pa.Array:
+        """Downloaded bytes (null: the download failed)."""
+        blobs = common.packed_blobs(data.to_pylist(), ["download failed"] * len(data))
+        return orb_struct(blobs, rel, size)
+
+    @batch
+    def orb_packed(data: Series, rel: Series, size: Series, error: Series) -> pa.Array:
+        """A pack's bytes (null: unreadable when packed, ``error`` says why)."""
+        return orb_struct(common.packed_blobs(data.to_pylist(), error.to_pylist()), rel, size)
+
     def projector(model):
         @daft.func.batch(return_dtype=DataType.list(DataType.float32()), use_process=use_process)
         def project(desc: Series) -> pa.Array:
@@ -179,7 +191,7 @@ def build_udfs(root: str, params: OrbParams, batch_size: int | None, use_process
 
         return project
 
-    return keys, orb, projector
+    return keys, orb, orb_packed, projector
 
 
 def build_moments_udaf():
@@ -240,40 +252,11 @@ def arrow_sink(out: common.Output, table: str, schema: pa.Schema):
     return ArrowParquetSink()
 
 
-# ---------------------------------------------------------------- driver
-def build_parser():
-    ap = common.parser(PROG, "The fruitdask job on Daft (native runner).")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="rows per call of the ORB UDF (default: Daft's choice)")  # fmt: skip
-    ap.add_argument("--use-process", choices=("auto", "yes", "no"), default="auto",
-                    help="run the UDFs in worker processes (default: Daft decides)")  # fmt: skip
-    ap.add_argument("--morsel-size", type=int, default=None,
-                    help="Daft's default_morsel_size (rows per unit of work)")  # fmt: skip
-    ap.add_argument("--max-connections", type=int, default=32,
-                    help="concurrent reads per download batch (Daft's default 32)")  # fmt: skip
-    return ap
-
-
-def run(args) -> dict[str, Any]:
-    so = common.storage_options(args)
-    timings: dict[str, float] = {}
-    out = common.Output(args.output, so, args.overwrite)
-    params = OrbParams()
-    root = common.strip_scheme(args.input)
-    use_process = {"auto": None, "yes": True, "no": False}[args.use_process]
-
+def _extract_loose(args, root: str, io_config, keys, orb, timings: dict[str, float]):
+    """List a folder of images, then download + decode + ORB: (images, descriptors, n)."""
     import daft
     from daft import col
 
-    t = time.perf_counter()
-    daft.set_runner_native(num_threads=args.cores)
-    if args.morsel_size:
-        daft.set_execution_config(default_morsel_size=args.morsel_size)
-    io_config = _io_config(so) if common.is_s3(args.input) else None
-    keys, orb, projector = build_udfs(root, params, args.batch_size, use_process)
-    timings["startup"] = time.perf_counter() - t
-
-    # 1. listing
     t = time.perf_counter()
     url = args.input.rstrip("/") if common.is_s3(args.input) else root
     lower = col("path").lower()
@@ -321,6 +304,78 @@ def run(args) -> dict[str, Any]:
         .collect()
     )
     timings["extract"] = time.perf_counter() - t
+    return images, descriptors, n_listed
+
+
+def _extract_packed(packed, io_config, orb_packed, timings: dict[str, float], args):
+    """Read a pack's shards, decode + ORB: (images, descriptors, n)."""
+    import daft
+    from daft import col
+
+    shards, n_listed = packed
+    t = time.perf_counter()
+    urls = [f"s3://{p}" if common.is_s3(args.input) else p for p in shards]
+    timings["listing"] = time.perf_counter() - t  # the pack's manifest is the listing
+
+    t = time.perf_counter()
+    images = (
+        daft.read_parquet(urls, io_config=io_config)
+        .select("path", "label", "split", "size",
+                orb_packed(col("bytes"), col("path"), col("size"), col("error")))
+        .collect()
+    )  # fmt: skip
+    descriptors = (
+        images.where(col("n_keypoints") > 0)
+        .select("path", "label", "split", "descriptor")
+        .explode("descriptor", index_column="keypoint")
+        .collect()
+    )
+    timings["extract"] = time.perf_counter() - t
+    return images, descriptors, n_listed
+
+
+# ---------------------------------------------------------------- driver
+def build_parser():
+    ap = common.parser(PROG, "The fruitdask job on Daft (native runner).")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows per call of the ORB UDF (default: Daft's choice)")  # fmt: skip
+    ap.add_argument("--use-process", choices=("auto", "yes", "no"), default="auto",
+                    help="run the UDFs in worker processes (default: Daft decides)")  # fmt: skip
+    ap.add_argument("--morsel-size", type=int, default=None,
+                    help="Daft's default_morsel_size (rows per unit of work)")  # fmt: skip
+    ap.add_argument("--max-connections", type=int, default=32,
+                    help="concurrent reads per download batch (Daft's default 32)")  # fmt: skip
+    return ap
+
+
+def run(args) -> dict[str, Any]:
+    so = common.storage_options(args)
+    timings: dict[str, float] = {}
+    out = common.Output(args.output, so, args.overwrite)
+    params = OrbParams()
+    root = common.strip_scheme(args.input)
+    use_process = {"auto": None, "yes": True, "no": False}[args.use_process]
+
+    import daft
+    from daft import col
+
+    t = time.perf_counter()
+    daft.set_runner_native(num_threads=args.cores)
+    if args.morsel_size:
+        daft.set_execution_config(default_morsel_size=args.morsel_size)
+    io_config = _io_config(so) if common.is_s3(args.input) else None
+    keys, orb, orb_packed, projector = build_udfs(root, params, args.batch_size, use_process)
+    timings["startup"] = time.perf_counter() - t
+
+    # A pack (fruitdask pack) is Parquet: read_parquet over its shards, the rows
+    # holding the listing's columns and the image bytes.
+    packed = common.packed_shards(args.input, so)
+    if packed:
+        images, descriptors, n_listed = _extract_packed(
+            packed, io_config, orb_packed, timings, args
+        )
+    else:
+        images, descriptors, n_listed = _extract_loose(args, root, io_config, keys, orb, timings)
 
     # 3. PCA fit: moments of every descriptor (a UDAF), exact PCA
     t = time.perf_counter()

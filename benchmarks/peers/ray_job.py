@@ -134,6 +134,19 @@ def extract_batch(batch: pa.Table, prefix: str, params: OrbParams) -> pa.Table:
     return images.append_column(common.DESC, common.desc_blobs(desc, counts))
 
 
+def extract_packed_batch(batch: pa.Table, params: OrbParams) -> pa.Table:
+    """The same over one batch of a pack's shards (``read_parquet`` rows: the
+    listing's columns and the image ``bytes``)."""
+    rows = pd.DataFrame(
+        {c: batch.column(c).to_pandas() for c in ("path", "label", "split", "size")}
+    )
+    blobs = common.packed_blobs(
+        batch.column("bytes").to_pylist(), batch.column("error").to_pylist()
+    )
+    images, desc, counts = tables.extract_partition(rows, blobs, params)
+    return images.append_column(common.DESC, common.desc_blobs(desc, counts))
+
+
 class ExtractActor:
     """The same, as a callable class for ``ActorPoolStrategy`` (tried; see above)."""
 
@@ -303,20 +316,30 @@ def run(args) -> dict[str, Any]:
                 "sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
             }[args.shuffle]
 
-        # 1. listing (Ray lists in the driver when the dataset is created)
+        # 1. listing (Ray lists in the driver when the dataset is created); a
+        #    pack is read as what it is, Parquet (read_parquet, one task per file)
         t = time.perf_counter()
         blocks = args.blocks or 4 * args.cores
-        ds = ray.data.read_binary_files(
-            root,
-            include_paths=True,
-            file_extensions=common.EXTENSIONS,
-            filesystem=in_fs,
-            override_num_blocks=blocks,
-        )
+        packed = common.packed_shards(args.input, so)
+        if packed:
+            ds = ray.data.read_parquet(
+                packed[0], filesystem=in_fs, columns=common.PACK_COLUMNS,
+                override_num_blocks=max(blocks, len(packed[0])),
+            )  # fmt: skip
+        else:
+            ds = ray.data.read_binary_files(
+                root,
+                include_paths=True,
+                file_extensions=common.EXTENSIONS,
+                filesystem=in_fs,
+                override_num_blocks=blocks,
+            )
         timings["listing"] = time.perf_counter() - t
 
         # 2. extract: read + decode + ORB fused into one task per block
         t = time.perf_counter()
+        if args.actors and packed:
+            raise ValueError("--actors is for loose files (a pack is read by read_parquet tasks)")
         if args.actors:
             mapped = ds.map_batches(
                 ExtractActor,
@@ -329,8 +352,8 @@ def run(args) -> dict[str, Any]:
             )
         else:
             mapped = ds.map_batches(
-                extract_batch,
-                fn_args=(prefix, params),
+                extract_packed_batch if packed else extract_batch,
+                fn_args=(params,) if packed else (prefix, params),
                 batch_format="pyarrow",
                 batch_size=args.batch_size,
                 zero_copy_batch=True,
