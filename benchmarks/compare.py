@@ -10,7 +10,8 @@ Each round runs, in this order, K rounds alternating:
 * ``kernel``: read + decode + ORB over every image in N processes (a plain loop
   over :func:`fruitdask.features.extract`, processes started and warmed before
   timing): what the cores can do;
-* ``dask``: ``python -m fruitdask run`` on a local cluster of N workers x 1 thread;
+* ``dask``: ``python -m fruitdask run --no-report`` on a local cluster of N workers x 1
+  thread (the peers write no report; ``fruitdask report`` is timed on its own);
 * ``spark-tuned``: ``python -m spark_parity run --master local[N]``;
 * ``spark-seed`` (``--with-seed``): the same with ``--profile seed``;
 * ``ray`` and ``daft`` (only when asked, ``--engines``): the same job written on
@@ -181,7 +182,9 @@ def engine_command(
         workers, threads = local_layout(None, None, cores)
         return [sys.executable, "-m", "fruitdask", "run", "--input", inp, "--output", out,
                 "--workers", str(workers), "--threads-per-worker", str(threads),
-                "--dashboard-address", "127.0.0.1:0", "--json", "--quiet", *storage]  # fmt: skip
+                "--dashboard-address", "127.0.0.1:0", "--json", "--quiet",
+                "--no-report",  # the peers write none; `fruitdask report` is timed apart
+                *storage]  # fmt: skip
     if engine in ("ray", "daft"):
         return [sys.executable, "-m", *ENGINES[engine], "--input", inp, "--output", out,
                 "--cores", str(cores), "--json", "--quiet", *storage]  # fmt: skip
