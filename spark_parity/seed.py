@@ -133,13 +133,15 @@ def _extract(spark, cfg, source, out: OutputDir, run: RunState, progress) -> tup
 
     params = cfg.orb
     orb = udf(lambda c, e: _orb(c, e, params), _ORB_STRUCT)
+    frame = _bytes_frame(spark, cfg, source, run)
+    # from the uncached plan, which runs nothing (a cached one's .rdd starts the
+    # extraction on Spark 3.5, before the run state plans its files)
+    n_parts = frame.rdd.getNumPartitions()
     imgs = (
-        _bytes_frame(spark, cfg, source, run)
-        .select("path", "label", "split", "size", orb("content", "read_error").alias("f"))
+        frame.select("path", "label", "split", "size", orb("content", "read_error").alias("f"))
         .select("path", "label", "split", "size", "f.*")
         .cache()
     )
-    n_parts = imgs.rdd.getNumPartitions()
     out.expect(run, [run.part(t, i) for t in tables.TABLES for i in range(n_parts)])
     with Watch(spark, "extract", progress):
         agg = imgs.agg(

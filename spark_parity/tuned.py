@@ -180,8 +180,11 @@ def _extract(spark, cfg, source: Source, out: OutputDir, run: RunState, cores: i
         body = _extract_binary(cfg, run, str(source.root_uri), source.n_images)
         with session_conf(spark, conf):
             src = source.files.select("path", "length", "content")
+            # The count from the file scan's plan, which runs nothing: on Spark
+            # 3.5 the cached DataFrame's .rdd started the extraction, whose
+            # files were then written before the run state planned them.
+            n_parts = src.rdd.getNumPartitions()
             cached = src.mapInArrow(body, CACHE_SCHEMA).cache()
-            n_parts = cached.rdd.getNumPartitions()
         return cached, None, n_parts, conf
     n_parts = len(source.ranges or [])
     bc = spark.sparkContext.broadcast(source.listing)
