@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -72,8 +73,6 @@ STATE_DIR = "_fruitdask"
 _LOCK = f"{STATE_DIR}/lock.json"
 _MANIFESTS = f"{STATE_DIR}/manifests"
 _RUNS = f"{STATE_DIR}/runs"
-# What marks a folder as a fruitdask output (round 1 wrote the first two only).
-_MARKS = {SUCCESS, MANIFEST, STATE_DIR}
 
 
 def new_run_id() -> str:
@@ -250,9 +249,25 @@ class Lease:
                 return self._take()
             if not self._stale(holder) or version is None:
                 raise LockedError(self._held_message(holder))
-            if not io.replace_if(self.url, self._doc(), version, self.so):
+            if not io.replace_if(self.url, self._doc(), version, self.so) and not self._mine():
                 raise LockedError(self._held_message(holder))
             _, self._version = io.read_versioned(self.url, self.so)
+
+    def _mine(self) -> bool:
+        """Whether the lock holds this lease's document now. A compare-and-swap
+        that failed may have been applied all the same (the reply was lost and
+        the request retried): then the lock is ours, under a newer version."""
+        text, version = io.read_versioned(self.url, self.so)
+        try:
+            holder = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(holder, dict) or holder.get("run_id") != self.run_id:
+            return False
+        if holder.get("pid") != self._pid or holder.get("host") != _host():
+            return False
+        self._version = version
+        return True
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         out = self.url.rsplit("/" + _LOCK, 1)[0]
@@ -271,6 +286,8 @@ class Lease:
                 ok = io.replace_if(self.url, self._doc(), self._version or "", self.so)
                 if ok:
                     _, self._version = io.read_versioned(self.url, self.so)
+                else:
+                    ok = self._mine()
             except FruitdaskError:
                 continue  # the store hiccuped: the next beat tries again
             if not ok:
@@ -291,10 +308,10 @@ class Lease:
         _HELD.discard(self.run_id)
         if self.lost:
             return
-        with contextlib.suppress(FruitdaskError):
-            text, _ = io.read_versioned(self.url, self.so)
-            if text is not None and json.loads(text).get("run_id") == self.run_id:
-                io.remove([self.url, f"{self.url}.guard"], self.so)
+        with contextlib.suppress(FruitdaskError, ValueError, AttributeError):
+            text, version = io.read_versioned(self.url, self.so)
+            if text is not None and version and json.loads(text).get("run_id") == self.run_id:
+                io.delete_if(self.url, version, self.so)
 
 
 # ---------------------------------------------------------------- a run's files
@@ -474,7 +491,7 @@ class OutputDir:
             self.created = not io.exists(self.url, self.so)
             return "empty"
         committed = read_committed(self.url, self.so)
-        if not entries & _MARKS:
+        if not self._ours(entries):
             shown = ", ".join(sorted(entries)[:3])
             raise OutputExistsError(
                 f"{self.url}: holds files that fruitdask did not write ({shown}); "
@@ -491,6 +508,18 @@ class OutputDir:
                 + (", or --resume to finish the interrupted run)" if state != "complete" else ")")
             )
         return state
+
+    def _ours(self, entries: set[str]) -> bool:
+        """Whether a folder holding ``entries`` is a fruitdask output: it has
+        fruitdask's state folder, or (round 1 wrote no state folder) a
+        ``manifest.json`` of a ``fruitdask-*`` format. A ``_SUCCESS`` alone, as
+        Spark and Hadoop write, or someone else's ``manifest.json``, is not."""
+        if STATE_DIR in entries:
+            return True
+        if MANIFEST not in entries:
+            return False
+        doc = _read_json(self._url(MANIFEST), self.so) or {}
+        return str(doc.get("format", "")).startswith("fruitdask-")
 
     def lock(self, run_id: str, stop: StopToken | None = None, **kw: Any) -> Lease:
         """Take the output's lease (:class:`LockedError` naming the holder if taken)."""
@@ -534,7 +563,9 @@ class OutputDir:
     def expect(self, run: RunState, files: list[str]) -> None:
         """Add ``files`` to the run's planned files (before writing them), so an
         abandoned run's files are known to the next commit's cleanup."""
-        state = self.state_of(run.run_id) or {}
+        state = self.state_of(run.run_id)
+        if state is None:
+            raise StorageError(f"{self.url}: cannot read run {run.run_id}'s state")
         state["files"] = sorted(set(state.get("files", [])) | set(files))
         run.write_bytes(f"{run.folder}/state.json", json.dumps(state).encode())
 
@@ -609,26 +640,37 @@ class OutputDir:
         aliases: dict[str, bytes] | None = None,
         stop: StopToken | None = None,
     ) -> None:
-        """Commit ``run``: its manifest, the aliases (``manifest.json`` ...), then
-        ``_SUCCESS`` last; then the cleanup of older runs' files.
+        """Commit ``run``: its manifest under ``_fruitdask/manifests/``, then
+        ``_SUCCESS`` (the commit itself), then the aliases at the top
+        (``manifest.json``, a model's ``.zip`` ...), then the cleanup of older
+        runs' files.
+
+        Readers go through ``_SUCCESS`` (:func:`read_committed`), never through
+        an alias; the aliases are written after the commit so that one never
+        names a run that did not commit. ``_SUCCESS`` and the aliases are written
+        in one critical section (a stop request waits for them).
 
         ``manifest["files"]`` lists every data file of the run, by table.
         """
-        manifest = {"format": self.kind, "run_id": run.run_id, "created": _now(), **manifest}
+        manifest = {**manifest, "format": self.kind, "run_id": run.run_id, "created": _now()}
         doc = json.dumps(manifest, indent=1).encode()
         run.write_bytes(f"{_MANIFESTS}/{run.run_id}.json", doc)
-        for name, data in {MANIFEST: doc, **(aliases or {})}.items():
-            run.write_bytes(name, data)
         stop = stop or StopToken()
         with stop.critical():
             if self.lease is not None:
                 self.lease.check()
             run.write_bytes(SUCCESS, f"{run.run_id}\n".encode())
             self.committed = stop.committed = run.run_id
+            for name, data in {MANIFEST: doc, **(aliases or {})}.items():
+                run.write_bytes(name, data)
         try:
             self.cleanup(run.run_id)
-        except FruitdaskError as exc:  # committed all the same; the next commit finishes it
-            self.cleanup_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - committed all the same; the next commit finishes it
+            self.cleanup_error = str(exc) if isinstance(exc, FruitdaskError) else repr(exc)
+            logging.getLogger(__name__).warning(
+                "%s: committed run %s; the old runs' files stay until the next commit (%s)",
+                self.url, run.run_id, self.cleanup_error,
+            )  # fmt: skip
 
     def cleanup(self, keep: str) -> None:
         """Delete what older runs left: files listed in their manifests or run
@@ -636,7 +678,9 @@ class OutputDir:
 
         Idempotent: a cleanup cut short is finished by the next commit's.
         """
-        kept = read_committed(self.url, self.so) or {}
+        kept = _read_json(self._url(f"{_MANIFESTS}/{keep}.json"), self.so)
+        if kept is None or kept.get("run_id") != keep:  # never guess what to keep
+            raise StorageError(f"{self.url}: cannot read run {keep}'s manifest; nothing deleted")
         keep_files = _all_files(kept)
         doomed: set[str] = set()
         records: list[str] = []
@@ -691,10 +735,14 @@ class OutputDir:
             io.remove_empty_folders(self.url, [""])  # the output folder itself, if empty
 
 
+_KEYED = {"path", "size", "mtime", "shard", "row_group", "row"}
+
+
 def listing_changes(before: pd.DataFrame, now: pd.DataFrame) -> str:
     """What differs between two listings, in words ("" when nothing does)."""
     cols = [c for c in ("path", "size", "mtime", "shard", "row_group", "row") if c in now]
-    if list(before.columns.intersection(cols)) != cols:
+    # the same columns, in whatever order each listing holds them
+    if set(cols) - set(before.columns) or set(before.columns) & _KEYED - set(cols):
         return "the listing's columns differ"
     a = before[cols].astype(str).agg("\x1f".join, axis=1)
     b = now[cols].astype(str).agg("\x1f".join, axis=1)

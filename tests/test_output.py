@@ -126,6 +126,22 @@ def test_foreign_folders_are_refused_even_with_overwrite(tmp_path):
             OutputDir(str(home)).check(mode)
     assert (home / "thesis.tex").read_text() == "..."
 
+    # A Spark/Hadoop output (a _SUCCESS of its own) and a folder holding someone
+    # else's manifest.json are not fruitdask's either
+    spark = tmp_path / "spark-out"
+    spark.mkdir()
+    (spark / "_SUCCESS").write_text("")
+    (spark / "part-00000.parquet").write_bytes(b"PAR1")
+    other = tmp_path / "dataset"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"format": "coco", "images": 3}')
+    for folder in (spark, other):
+        with pytest.raises(OutputExistsError, match="fruitdask did not write"):
+            OutputDir(str(folder)).check("overwrite")
+    # a manifest.json of fruitdask's (round 1 wrote no _fruitdask/ folder) is
+    (other / "manifest.json").write_text('{"format": "fruitdask-output/1", "run_id": "x"}')
+    assert OutputDir(str(other)).check("overwrite") == "interrupted"
+
 
 def test_outputs_of_another_kind_are_refused(tmp_path):
     url = str(tmp_path / "out")

@@ -270,7 +270,7 @@ def test_a_failed_task_leaks_no_secret(cli, sample_dir):
     c, args = _canaries()
     out = cli.home / "out"
     out.mkdir()
-    (out / "_SUCCESS").write_text("")  # an output of fruitdask's, that nothing committed
+    (out / "_fruitdask").mkdir()  # an output of fruitdask's, that nothing committed
     (out / "images").write_text("not a folder")
     # one image a task: the logged arguments are short, the settings among the first
     r = cli.run("run", "-i", str(sample_dir), "-o", str(out), "--overwrite", *args,
