@@ -77,6 +77,7 @@ __all__ = [
     "remove",
     "remove_empty_folders",
     "replace_if",
+    "delete_if",
     "write_bytes",
     "write_table",
 ]
@@ -495,8 +496,14 @@ def _open_local(path: str | bytes, max_bytes: int | None) -> bytes:
             )
         if max_bytes is not None and st.st_size > max_bytes:
             raise StorageError(_too_large(st.st_size, max_bytes))
-        limit = -1 if max_bytes is None else max_bytes + 1
-        data = f.read(limit) if limit > 0 else f.read()
+        if max_bytes is None:
+            data = f.read()  # readall: reads until the end
+        else:  # one read is short on some file systems (NFS, FUSE): to the end, or one over
+            chunks, n = [], 0
+            while n <= max_bytes and (chunk := f.read(max_bytes + 1 - n)):
+                chunks.append(chunk)
+                n += len(chunk)
+            data = b"".join(chunks)  # one chunk: the same object, no copy
         if max_bytes is not None and len(data) > max_bytes:
             raise StorageError(_too_large(len(data), max_bytes))
         return data
@@ -882,6 +889,43 @@ def replace_if(
         raise translate(exc, url, "write") from None
 
 
+def delete_if(url: str, version: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Delete an object only if it is still at ``version``; True when deleted.
+
+    Locally under the same ``flock`` as :func:`replace_if`, whose sidecar file
+    goes too, unlinked while still locked: a process waiting on it then finds
+    the object gone and fails its swap. On S3 the check and the delete are two
+    requests (a lock is deleted only by its holder, so nothing races them).
+    """
+    fs, path = filesystem(url, storage_options)
+    try:
+        if is_local(fs):
+            import fcntl
+
+            with open(f"{path}.guard", "a+b") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                try:
+                    with open(path, "rb") as f:
+                        if hashlib.sha256(f.read()).hexdigest() != version:
+                            return False
+                    os.remove(path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(f"{path}.guard")
+                return True
+        _, current = read_versioned(url, storage_options)
+        if current != version:
+            return False
+        fs.rm_file(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except FruitdaskError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise translate(exc, url, "delete") from None
+
+
 def _precondition_failed(exc: BaseException) -> bool:
     code, status = s3_error_code(exc)
     return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
@@ -980,10 +1024,13 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
         if is_local(fs):
             _check_local_folder(path)
         else:
-            bucket = path.split("/", 1)[0]
+            bucket, _, key = path.partition("/")
+            # One ListObjectsV2 under the output's own prefix (MaxKeys=1): an IAM
+            # policy may allow listing that prefix only, not the bucket's root.
+            # Not fs.exists(): s3fs answers False for a bucket it may not read.
+            prefix = key.rstrip("/") + "/" if key else ""
             try:
-                # not fs.exists(): s3fs answers False for a bucket it may not read
-                fs.ls(bucket, detail=False)
+                fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
             except FileNotFoundError:
                 raise NotFoundError(f"{url}: bucket {bucket} does not exist") from None
     except FruitdaskError:
@@ -1021,6 +1068,7 @@ def check_reachable(
     ).get("endpoint_url")
     if not is_s3(url) or not endpoint:
         return
+    _check_endpoint(storage_options or {})  # a password in it is refused, never shown
     parsed = urlparse(str(endpoint))
     if not parsed.hostname:
         raise InputError(f"--endpoint-url {endpoint}: expected a URL like http://host:port")
