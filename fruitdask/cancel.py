@@ -49,12 +49,14 @@ class StopToken:
             self.signum = signum
         self._requested = True
         self.requests += 1
-        if self._holds:
-            self.requests_during_hold.append(self._holds[-1])
+        # a slice, not a test then an index: the hold may end in between
+        self.requests_during_hold.extend(self._holds[-1:])
 
     def fail(self, error: FruitdaskError) -> None:
-        """Ask the run to stop with ``error`` (e.g. the output's lock was lost)."""
-        self._error = error
+        """Ask the run to stop with ``error`` (e.g. the output's lock was lost);
+        the first error recorded is the one raised (later ones are its effects)."""
+        if self._error is None:
+            self._error = error
         self._requested = True
 
     @property
@@ -112,7 +114,8 @@ class StopToken:
     @property
     def held(self) -> str | None:
         """The note of the clean-up that must finish first, if one is running."""
-        return self._holds[-1] if self._holds else None
+        holds = self._holds[-1:]
+        return holds[0] if holds else None
 
     # -- the supervisor's side
     def fire(self) -> None:
