@@ -165,6 +165,10 @@ def describe(cls: type, f: Field) -> str:
     return text.replace("%", "%%")
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
 def resolve(cls: type, explicit: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``cls``: the explicit values, else dask.config's,
     coerced to each field's type (an :class:`InputError` naming a bad one)."""
@@ -175,7 +179,12 @@ def resolve(cls: type, explicit: dict[str, Any]) -> dict[str, Any]:
             value = dask.config.get(f"fruitdask.{key}", None)
         kind = f.metadata["kind"]
         if kind is bool and isinstance(value, str):
-            value = value.strip().lower() in ("1", "true", "yes", "on")
+            word = value.strip().lower()
+            if word not in _TRUE | _FALSE:  # a typo is not "false"
+                raise InputError(
+                    f"fruitdask.{key} ({flag_of(cls, f)}): expected true or false, got {value!r}"
+                )
+            value = word in _TRUE
         out[f.name] = as_number(value, kind, flag_of(cls, f))
     return {k: v for k, v in out.items() if v is not None}
 
