@@ -51,6 +51,14 @@ def test_environment_strings_are_coerced_or_named():
     with dask.config.set({"fruitdask.orb.scale-factor": "x"}):
         with pytest.raises(InputError, match="--scale-factor: expected a number"):
             RunConfig.from_config(input="in")
+    # booleans: the usual words either way; a typo is named, never taken as false
+    with dask.config.set({"fruitdask.write-descriptors": "off"}):
+        assert RunConfig.from_config(input="in").write_descriptors is False
+    with dask.config.set({"fruitdask.write-descriptors": "Yes"}):
+        assert RunConfig.from_config(input="in").write_descriptors is True
+    with dask.config.set({"fruitdask.write-descriptors": "ture"}):
+        with pytest.raises(InputError, match="write-descriptors.*expected true or false"):
+            RunConfig.from_config(input="in")
 
 
 @pytest.mark.parametrize(
