@@ -27,6 +27,7 @@ from fruitdask.cli import (
     add_storage_arguments,
     build_run_config,
     ensure_default_sample,
+    log_file,
     report_failure,
     term,
 )
@@ -220,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console_main() -> NoReturn:
     """``python -m spark_parity``: :func:`main` with the JVM's and the libraries'
     output in a log file (see :func:`fruitdask.cli.console_main`)."""
-    from fruitdask.cli._common import log_file
-
     term.redirect(log_file())
     code = main()
     logging.shutdown()

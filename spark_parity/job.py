@@ -18,6 +18,7 @@ what ``PcaModel.transform`` computes on the saved model.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -127,7 +128,8 @@ def run(
         summary.timings = timer.rounded()
         return summary
     finally:
-        spark.sparkContext.setJobGroup("fruitdask-idle", "")
+        with contextlib.suppress(Exception):  # a dead JVM: the run's own error stands
+            spark.sparkContext.setJobGroup("fruitdask-idle", "")
         out.release()
 
 

@@ -331,18 +331,29 @@ def _java_options(spec: SparkSpec) -> str:
     ]
     if spec.fast_start:
         opts.append("-XX:TieredStopAtLevel=1")
-    if spec.cds and cds_archive_path().exists():
-        opts.append(f"-XX:SharedArchiveFile={cds_archive_path()}")
+    archive = _usable_archive(spec)
+    if archive is not None:
+        opts.append(f"-XX:SharedArchiveFile={archive}")
     opts.extend(spec.java_options)
     return " ".join(opts)
 
 
+def _usable_archive(spec: SparkSpec) -> Path | None:
+    """The CDS archive a local driver starts with, if asked for and built.
+    Never on a cluster master: an EMR node's Spark has its jars elsewhere
+    than pyspark's package, and its JVMs were not the ones the archive was made
+    from."""
+    if not spec.cds or parse_master(spec.resolved_master()) is None:
+        return None
+    try:
+        path = cds_archive_path()
+    except (OSError, SparkUnavailable):  # no jars folder; no Java to ask
+        return None
+    return path if path.exists() else None
+
+
 def _builder_conf(spec: SparkSpec) -> dict[str, str]:
     conf: dict[str, Any] = {
-        # Bind the driver, its block manager and the UI to loopback unless asked
-        # (the Dask side does the same; the UI has no authentication).
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.driver.extraJavaOptions": _java_options(spec),
@@ -352,6 +363,13 @@ def _builder_conf(spec: SparkSpec) -> dict[str, str]:
         # The warm-up's 32-element array expression would log a "truncated plan" warning.
         "spark.sql.debug.maxToStringFields": "100",
     }
+    if parse_master(spec.resolved_master()) is not None:
+        # A local master: bind the driver, its block manager and the UI to
+        # loopback (the Dask side does the same; the UI has no authentication).
+        # On a cluster the executors must reach the driver, so Spark's own
+        # choice (the host's address) stands.
+        conf["spark.driver.host"] = "127.0.0.1"
+        conf["spark.driver.bindAddress"] = "127.0.0.1"
     if spec.driver_memory:
         conf["spark.driver.memory"] = spec.driver_memory
     if spec.event_log:

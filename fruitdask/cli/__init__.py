@@ -45,6 +45,7 @@ __all__ = [
     "build_run_config",
     "console_main",
     "ensure_default_sample",
+    "log_file",
     "main",
     "report_failure",
     "storage_options_from_args",
