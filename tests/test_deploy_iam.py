@@ -31,7 +31,7 @@ def _resources(statement: dict) -> list[str]:
     return r if isinstance(r, list) else [r]
 
 
-def _check_least_privilege(doc: dict, input: str, output: str, staging: str) -> None:
+def _check_least_privilege(doc: dict, input: str, output: str | list, staging: str) -> None:
     """Every S3 right is on one of the given prefixes (or, for listing and the
     bucket's region, on their buckets, limited to the prefixes by condition)."""
 
@@ -39,16 +39,17 @@ def _check_least_privilege(doc: dict, input: str, output: str, staging: str) -> 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         return bucket, prefix.strip("/")
 
-    (ib, ip), (ob, op), (sb, sp) = split(input), split(output), split(staging)
+    (ib, ip), (sb, sp) = split(input), split(staging)
+    outs = [split(o) for o in ([output] if isinstance(output, str) else output)]
+    written = {f"arn:aws:s3:::{ob}/{op}/*" for ob, op in outs}
     objects = {
-        "s3:GetObject": {f"arn:aws:s3:::{ib}/{ip}/*", f"arn:aws:s3:::{ob}/{op}/*",
-                         f"arn:aws:s3:::{sb}/{sp}/*"},
-        "s3:PutObject": {f"arn:aws:s3:::{ob}/{op}/*", f"arn:aws:s3:::{sb}/{sp}/logs/*"},
-        "s3:DeleteObject": {f"arn:aws:s3:::{ob}/{op}/*"},
-        "s3:AbortMultipartUpload": {f"arn:aws:s3:::{ob}/{op}/*"},
-    }  # fmt: skip
+        "s3:GetObject": {f"arn:aws:s3:::{ib}/{ip}/*", f"arn:aws:s3:::{sb}/{sp}/*", *written},
+        "s3:PutObject": {f"arn:aws:s3:::{sb}/{sp}/logs/*", *written},
+        "s3:DeleteObject": written,
+        "s3:AbortMultipartUpload": written,
+    }
     listed: dict[str, set] = {}
-    for bucket, prefix in ((ib, ip), (ob, op), (sb, sp)):
+    for bucket, prefix in ((ib, ip), (sb, sp), *outs):
         listed.setdefault(bucket, set()).add(prefix)
     seen: dict[str, set] = {}
     for st in doc["Statement"]:
@@ -63,9 +64,9 @@ def _check_least_privilege(doc: dict, input: str, output: str, staging: str) -> 
                 elif action == "s3:ListBucket":
                     bucket = res.removeprefix("arn:aws:s3:::")
                     prefixes = st["Condition"]["StringLike"]["s3:prefix"]
-                    [prefix] = [p for p in prefixes if not p.endswith("/*")]
-                    assert prefix in listed[bucket] and sorted(prefixes) == sorted(
-                        [prefix, f"{prefix}/*"]
+                    bare = [p for p in prefixes if not p.endswith("/*")]
+                    assert set(bare) <= listed[bucket] and sorted(prefixes) == sorted(
+                        [x for p in bare for x in (p, f"{p}/*")]
                     ), st
                 elif action == "s3:GetBucketLocation":
                     assert res.removeprefix("arn:aws:s3:::") in listed, res
@@ -88,6 +89,14 @@ def test_policy_is_least_privilege_and_the_example_is_current():
         "s3://OUTPUT-BUCKET/fruitdask-staging",
     )
     assert example == expected
+
+    # several outputs (the Dask job's, EMR's, its Spark job's): each one writable,
+    # listed under its own prefix, and nothing between them
+    outs = [OUTPUT, f"{OUTPUT}-emr", f"{OUTPUT}-emr-spark", "s3://other-bucket/x"]
+    many = policy(INPUT, outs, "s3://out-bucket/fruitdask-staging")
+    _check_least_privilege(many, INPUT, outs, "s3://out-bucket/fruitdask-staging")
+    [write] = [st for st in many["Statement"] if st["Sid"] == "WriteOutput"]
+    assert len(_resources(write)) == 4
 
     ecr = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/fruitdask:0.1.0"
     extra = [st for st in policy(INPUT, OUTPUT, "s3://s/x", ecr)["Statement"]

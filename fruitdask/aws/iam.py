@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fruitdask.aws import AwsError, aws_config
@@ -55,6 +55,11 @@ def s3_location(url: str, flag: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def _one_or_list(resources: list[str]) -> str | list[str]:
+    unique = sorted(set(resources))
+    return unique[0] if len(unique) == 1 else unique
+
+
 def _objects(bucket: str, prefix: str) -> str:
     return f"arn:aws:s3:::{bucket}/{prefix}/*" if prefix else f"arn:aws:s3:::{bucket}/*"
 
@@ -71,11 +76,32 @@ def _listing(sid: str, bucket: str, prefix: str) -> dict[str, Any]:
     return statement
 
 
-def policy(input: str, output: str, staging: str, image: str | None = None) -> dict[str, Any]:
-    """The inline policy for a run reading ``input``, writing ``output``, with
-    fruitdask staged (and EMR's logs written) under ``staging``."""
+def _listings(sid: str, places: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One ListBucket statement per bucket, for all its prefixes."""
+    out = []
+    for n, bucket in enumerate(sorted({b for b, _ in places})):
+        prefixes = sorted({p for b, p in places if b == bucket})
+        statement = _listing(sid if n == 0 else f"{sid}{n + 1}", bucket, prefixes[0])
+        if "" not in prefixes and len(prefixes) > 1:
+            statement["Condition"]["StringLike"]["s3:prefix"] = [
+                x for p in prefixes for x in (p, f"{p}/*")
+            ]
+        elif "" in prefixes:
+            statement.pop("Condition", None)
+        out.append(statement)
+    return out
+
+
+def policy(
+    input: str, output: str | Sequence[str], staging: str, image: str | None = None
+) -> dict[str, Any]:
+    """The inline policy for a run reading ``input``, writing ``output`` (one
+    prefix or several: the Dask job's, the Spark job's ...), with fruitdask
+    staged (and EMR's logs written) under ``staging``."""
     ib, ip = s3_location(input, "--input")
-    ob, op = s3_location(output, "--output")
+    outs = [s3_location(o, "--output") for o in ([output] if isinstance(output, str) else output)]
+    if not outs:
+        raise AwsError("--output: give at least one output prefix")
     sb, sp = s3_location(staging, "--staging")
     logs = f"{sp}/logs" if sp else "logs"
     statements: list[dict[str, Any]] = [
@@ -85,8 +111,8 @@ def policy(input: str, output: str, staging: str, image: str | None = None) -> d
         {"Sid": "WriteOutput", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                     "s3:AbortMultipartUpload"],
-         "Resource": _objects(ob, op)},
-        _listing("ListOutput", ob, op),
+         "Resource": _one_or_list([_objects(b, p) for b, p in outs])},
+        *_listings("ListOutput", outs),
         {"Sid": "ReadStaging", "Effect": "Allow", "Action": ["s3:GetObject"],
          "Resource": _objects(sb, sp)},
         _listing("ListStaging", sb, sp),
@@ -94,7 +120,7 @@ def policy(input: str, output: str, staging: str, image: str | None = None) -> d
          "Resource": _objects(sb, logs)},
         # which region a bucket is in (clients ask before their first request)
         {"Sid": "BucketRegions", "Effect": "Allow", "Action": ["s3:GetBucketLocation"],
-         "Resource": sorted({f"arn:aws:s3:::{b}" for b in (ib, ob, sb)})},
+         "Resource": sorted({f"arn:aws:s3:::{b}" for b in (ib, sb, *(b for b, _ in outs))})},
     ]  # fmt: skip
     m = _ECR.match(image or "")
     if m:

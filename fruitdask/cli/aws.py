@@ -152,7 +152,8 @@ def _register_aws(subparsers) -> None:
         "--instance-profile. --dry-run prints the policy and calls nothing.",
     )
     i.add_argument("--input", "-i", required=True, metavar="S3_URL", help="the input prefix")
-    i.add_argument("--output", "-o", required=True, metavar="S3_URL", help="the output prefix")
+    i.add_argument("--output", "-o", required=True, action="append", metavar="S3_URL",
+                   help="an output prefix (repeatable: the Dask job's, the Spark job's ...)")  # fmt: skip
     i.add_argument(
         "--staging",
         metavar="S3_URL",
@@ -171,7 +172,7 @@ def cmd_aws_iam(args: argparse.Namespace) -> int:
 
     name = args.name or str(aws_config("iam.name"))
     try:
-        staging = args.staging or default_staging(args.output) or ""
+        staging = args.staging or default_staging(args.output[0]) or ""
         document = iam.policy(args.input, args.output, staging, args.image)
         tags = parse_tags(args.tag, aws_config("tags"))
         if args.dry_run:
