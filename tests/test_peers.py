@@ -63,13 +63,13 @@ def expected(tiny):
     return listing, images, descs
 
 
-def _run(engine: str, inp: Path, out: Path) -> dict:
+def _run(engine: str, inp: Path, out: Path, *extra: str) -> dict:
     if importlib.util.find_spec(engine) is None:
         pytest.skip(f"{engine} is not installed (pip install -e '.[peers]')")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", PEERS[engine], "--input", str(inp), "--output", str(out),
-           "--cores", "2", "--json", "--quiet"]  # fmt: skip
+           "--cores", "2", "--json", "--quiet", *extra]  # fmt: skip
     got = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     return json.loads(got.stdout.strip().splitlines()[-1])
@@ -230,3 +230,17 @@ def test_ray_listens_on_loopback_only():
     names = {n for _, n in found}
     assert {"gcs_server", "raylet"} <= names, found
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in found), found
+
+
+def test_ray_overwrite_publishes_its_own_files_only(tiny, tmp_path):
+    """Ray names its Parquet files without the run id: an overwrite's manifest
+    lists only the files this run wrote, and the cleanup removes the old ones."""
+    out = tmp_path / "result"
+    first = _run("ray", tiny, out)
+    old = {t: set(_manifest(out)["files"][t]) for t in ("images", "descriptors", "features")}
+    second = _run("ray", tiny, out, "--overwrite")
+    assert second["run_id"] != first["run_id"]
+    m = _manifest(out)
+    for t, before in old.items():
+        on_disk = {f"{t}/{p.name}" for p in (out / t).glob("*.parquet")}
+        assert set(m["files"][t]) == on_disk and not on_disk & before, t

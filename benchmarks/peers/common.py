@@ -257,16 +257,22 @@ class Output:
             self.out.lock(self.run_id)
         except FruitdaskError as exc:
             raise SystemExit(str(exc)) from None
+        # What an overwritten run left: not this run's, though the engines'
+        # writers name their files without our run id (Ray's do).
+        self._old = {t: set(self._parquet(t)) for t in ("images", "descriptors", "features")}
 
     def join(self, *parts: str) -> str:
         return io.join(self.url, *parts)
+
+    def _parquet(self, table: str) -> list[str]:
+        return [f"{table}/{n}" for n in io.ls(self.join(table), self.so) if n.endswith(".parquet")]
 
     def local(self) -> bool:
         return not is_s3(self.url) and "://" not in self.url.replace("file://", "")
 
     def listed(self, table: str) -> list[str]:
-        """``table/<name>`` of the Parquet files under ``table/``, sorted."""
-        return [f"{table}/{n}" for n in io.ls(self.join(table), self.so) if n.endswith(".parquet")]
+        """``table/<name>`` of the Parquet files this run wrote under ``table/``, sorted."""
+        return [f for f in self._parquet(table) if f not in self._old.get(table, set())]
 
     def write_model(self, model: PcaModel) -> str:
         """Write the model (first step of publishing); its path relative to the output."""
