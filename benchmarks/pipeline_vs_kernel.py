@@ -32,28 +32,29 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _kernel_chunk(args: tuple[str, list[str], dict]) -> tuple[int, int]:
-    from fruitdask import io
+def _kernel_chunk(args: tuple[str, Any, dict]) -> tuple[int, int]:
+    from fruitdask import source
     from fruitdask.features import OrbParams, extract
 
-    root, paths, so = args
+    root, rows, so = args
     params = OrbParams()
     n_desc = 0
-    data = io.iter_objects(root, paths, so)
-    for b in data:
+    # the job's own reader: loose files or packed shards alike
+    for b in source.iter_images(root, rows, so):
         if isinstance(b, bytes):
             n_desc += len(extract(b, params).descriptors)
-    return len(paths), n_desc
+    return len(rows), n_desc
 
 
-def kernel(root: str, paths: list[str], so: dict, procs: int) -> tuple[float, int]:
-    """Seconds for read + decode + ORB over ``paths`` in ``procs`` processes."""
+def kernel(root: str, listing: Any, so: dict, procs: int) -> tuple[float, int]:
+    """Seconds for read + decode + ORB over the ``listing``'s images in ``procs`` processes."""
     chunk = 500
-    chunks = [(root, paths[i : i + chunk], so) for i in range(0, len(paths), chunk)]
+    chunks = [(root, listing.iloc[i : i + chunk], so) for i in range(0, len(listing), chunk)]
     if procs == 1:
         t = time.perf_counter()
         n = sum(_kernel_chunk(c)[1] for c in chunks)
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data: {cache} ({s.training + s.test} images, generated in {s.seconds:.1f}s)")
         args.input = str(cache)
     listing = source.list_input(args.input, so)
-    paths = listing["path"].tolist()
-    n = len(paths)
+    n = len(listing)
     print(f"images: {n:,}  cores: {args.cores}  repeat: {args.repeat}")
 
     from fruitdask.cluster import connect, local_layout
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     command_s: list[float] = []
     stages: list[dict] = []
     for k in range(args.repeat):
-        sec, nd = kernel(args.input, paths, so, 1)
+        sec, nd = kernel(args.input, listing, so, 1)
         rows["kernel-1"].append(n / sec)
-        sec, nd_n = kernel(args.input, paths, so, args.cores)
+        sec, nd_n = kernel(args.input, listing, so, args.cores)
         rows[f"kernel-{args.cores}"].append(n / sec)
         kernel_s.append(sec)
         command_s.append(command(args.input, os.path.join(tmp, f"cmd-{k}"), so))
