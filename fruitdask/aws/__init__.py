@@ -1,9 +1,9 @@
 """Running fruitdask on AWS: EC2 (dask-cloudprovider), EMR, and cost planning.
 
 Importing this package adds the ``fruitdask.aws`` defaults (``aws.yaml``) to
-dask.config, the way :mod:`fruitdask.config` adds ``fruitdask.yaml``. The AWS
-libraries (boto3, dask-cloudprovider) are imported only inside the functions
-that call AWS: ``pip install fruitdask[aws]``.
+dask.config, the way :mod:`fruitdask.config` adds the run settings' defaults.
+The AWS libraries (boto3, dask-cloudprovider) are imported only inside the
+functions that call AWS: ``pip install -e ".[aws]"``.
 
 Submodules
 ----------
