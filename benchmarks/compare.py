@@ -278,11 +278,12 @@ def _read(url: str, table: str, so: dict, columns: list[str] | None = None):
     import pyarrow.dataset as ds
 
     from fruitdask import io
+    from fruitdask.output import read_committed
 
     fs, root = io.filesystem(url, so)
-    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
-    if fs.cat_file(f"{root}/_SUCCESS").decode().strip() != manifest["run_id"]:
-        raise RuntimeError(f"{url}: _SUCCESS does not match the manifest")
+    manifest = read_committed(url, so)  # _SUCCESS -> the committed run's manifest
+    if manifest is None:
+        raise RuntimeError(f"{url}: no committed result")
     files = [f"{root}/{f}" for f in manifest["files"][table]]
     return ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
 
