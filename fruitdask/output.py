@@ -735,14 +735,15 @@ class OutputDir:
             io.remove_empty_folders(self.url, [""])  # the output folder itself, if empty
 
 
-_KEYED = {"path", "size", "mtime", "shard", "row_group", "row"}
+#: The listing's columns that identify an input file's content.
+_KEYED = ("path", "size", "mtime", "shard", "row_group", "row")
 
 
 def listing_changes(before: pd.DataFrame, now: pd.DataFrame) -> str:
     """What differs between two listings, in words ("" when nothing does)."""
-    cols = [c for c in ("path", "size", "mtime", "shard", "row_group", "row") if c in now]
+    cols = [c for c in _KEYED if c in now]
     # the same columns, in whatever order each listing holds them
-    if set(cols) - set(before.columns) or set(before.columns) & _KEYED - set(cols):
+    if set(cols) != set(before.columns) & set(_KEYED):
         return "the listing's columns differ"
     a = before[cols].astype(str).agg("\x1f".join, axis=1)
     b = now[cols].astype(str).agg("\x1f".join, axis=1)
