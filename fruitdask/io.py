@@ -907,12 +907,14 @@ def delete_if(url: str, version: str, storage_options: dict[str, Any] | None = N
                 try:
                     with open(path, "rb") as f:
                         if hashlib.sha256(f.read()).hexdigest() != version:
-                            return False
+                            return False  # someone else's now: their guard stays
                     os.remove(path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(f"{path}.guard")
-                return True
+                    deleted = True
+                except FileNotFoundError:  # gone already: no swap can succeed now
+                    deleted = False
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"{path}.guard")
+                return deleted
         _, current = read_versioned(url, storage_options)
         if current != version:
             return False

@@ -120,6 +120,13 @@ def test_put_if_absent_and_replace_if_locally(tmp_path):
     assert not io.replace_if(url, b"four", version)  # the version moved on
     assert io.read_text(url) == "three"
     assert io.read_versioned(str(tmp_path / "none")) == (None, None)
+    # compare-and-delete: not at an old version; at the current one the object
+    # goes, and the swap's guard file with it (nothing left in the folder)
+    _, current = io.read_versioned(url)
+    assert not io.delete_if(url, version) and io.read_text(url) == "three"
+    assert io.delete_if(url, current)
+    assert not io.delete_if(url, current)
+    assert list((tmp_path / "x").iterdir()) == []
 
 
 @pytest.mark.s3
@@ -133,6 +140,10 @@ def test_put_if_absent_and_replace_if_on_s3(s3):
     assert io.replace_if(url, b"three", version, so)
     assert not io.replace_if(url, b"four", version, so)
     assert io.read_text(url, so) == "three"
+    _, current = io.read_versioned(url, so)
+    assert not io.delete_if(url, version, so) and io.read_text(url, so) == "three"
+    assert io.delete_if(url, current, so) and io.read_text(url, so) is None
+    assert not io.delete_if(url, current, so)
 
 
 @pytest.mark.s3
