@@ -856,6 +856,23 @@ def put_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None 
         raise translate(exc, url, "write") from None
 
 
+@contextlib.contextmanager
+def _guarded(path: str) -> Iterator[str | None]:
+    """Hold an exclusive ``flock`` on a local object's sidecar guard file
+    (cooperating processes on one host) and give its version, as
+    :func:`read_versioned` makes it, or None when it does not exist."""
+    import fcntl
+
+    with open(f"{path}.guard", "a+b") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                current: str | None = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError:
+            current = None
+        yield current
+
+
 def replace_if(
     url: str, data: bytes, version: str, storage_options: dict[str, Any] | None = None
 ) -> bool:
@@ -865,16 +882,8 @@ def replace_if(
     fs, path = filesystem(url, storage_options)
     try:
         if is_local(fs):
-            import fcntl
-
-            with open(f"{path}.guard", "a+b") as guard:
-                fcntl.flock(guard, fcntl.LOCK_EX)
-                try:
-                    with open(path, "rb") as f:
-                        current = hashlib.sha256(f.read()).hexdigest()
-                except FileNotFoundError:
-                    return False
-                if current != version:
+            with _guarded(path) as current:
+                if current is None or current != version:
                     return False
                 write_bytes(url, data, storage_options)
                 return True
@@ -900,21 +909,15 @@ def delete_if(url: str, version: str, storage_options: dict[str, Any] | None = N
     fs, path = filesystem(url, storage_options)
     try:
         if is_local(fs):
-            import fcntl
-
-            with open(f"{path}.guard", "a+b") as guard:
-                fcntl.flock(guard, fcntl.LOCK_EX)
-                try:
-                    with open(path, "rb") as f:
-                        if hashlib.sha256(f.read()).hexdigest() != version:
-                            return False  # someone else's now: their guard stays
+            with _guarded(path) as current:
+                if current is not None and current != version:
+                    return False  # someone else's now: their guard stays
+                if current is not None:
                     os.remove(path)
-                    deleted = True
-                except FileNotFoundError:  # gone already: no swap can succeed now
-                    deleted = False
+                # gone, or gone already: no swap can succeed now, so the guard goes
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(f"{path}.guard")
-                return deleted
+                return current is not None
         _, current = read_versioned(url, storage_options)
         if current != version:
             return False
