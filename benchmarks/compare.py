@@ -11,7 +11,7 @@ Each round runs, in this order, K rounds alternating:
   over :func:`fruitdask.features.extract`, processes started and warmed before
   timing): what the cores can do;
 * ``dask``: ``python -m fruitdask run --no-report`` on a local cluster of N workers x 1
-  thread (the peers write no report; ``fruitdask report`` is timed on its own);
+  thread (the peers write no report; its cost is in benchmarks/README.md);
 * ``spark-tuned``: ``python -m spark_parity run --master local[N]``;
 * ``spark-seed`` (``--with-seed``): the same with ``--profile seed``;
 * ``ray`` and ``daft`` (only when asked, ``--engines``): the same job written on
@@ -183,7 +183,7 @@ def engine_command(
         return [sys.executable, "-m", "fruitdask", "run", "--input", inp, "--output", out,
                 "--workers", str(workers), "--threads-per-worker", str(threads),
                 "--dashboard-address", "127.0.0.1:0", "--json", "--quiet",
-                "--no-report",  # the peers write none; `fruitdask report` is timed apart
+                "--no-report",  # the peers write none (its cost: benchmarks/README.md)
                 *storage]  # fmt: skip
     if engine in ("ray", "daft"):
         return [sys.executable, "-m", *ENGINES[engine], "--input", inp, "--output", out,
