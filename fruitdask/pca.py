@@ -27,6 +27,7 @@ __all__ = [
     "PcaModel",
     "combine_moments",
     "exact_pca",
+    "exact_report",
     "fit_incremental",
     "moments",
     "pca_report",
@@ -257,6 +258,22 @@ def pca_report(model: PcaModel, total: Moments) -> dict[str, Any]:
         "exact_explained_variance_ratio": float(exact.explained_variance_ratio.sum()),
         "max_principal_angle_to_exact_deg": float(angles.max()),
         "principal_angles_to_exact_deg": [round(float(a), 4) for a in angles],
+    }
+
+
+def exact_report(model: PcaModel) -> dict[str, Any]:
+    """:func:`pca_report` of a model that is itself the exact PCA of every
+    descriptor (fitted on all of them): nothing to compare it with."""
+    ratio = float(model.explained_variance_ratio.sum())
+    return {
+        "method": model.method,
+        "n_components": model.n_components,
+        "fitted_on_rows": int(model.n_samples),
+        "sampled": False,
+        "explained_variance_ratio": ratio,
+        "exact_explained_variance_ratio": ratio,
+        "max_principal_angle_to_exact_deg": 0.0,
+        "principal_angles_to_exact_deg": [0.0] * model.n_components,
     }
 
 

@@ -22,6 +22,7 @@ from fruitdask import features, io, tables
 from fruitdask.config import RunConfig
 from fruitdask.errors import InputError, TransientError, one_line
 from fruitdask.output import OutputDir, RunState
+from fruitdask.pca import exact_report
 from spark_parity.reading import Source, relative
 from spark_parity.stages import (
     WRITTEN_SCHEMA,
@@ -209,17 +210,6 @@ def run_seed(
     if progress:
         progress("features", n_parts, n_parts, sum(r["rows"] for r in rows))
     vec.unpersist()
-    ratio = float(model.explained_variance_ratio.sum())
     # Spark's fit is an exact eigendecomposition of the covariance of every
     # descriptor here: it *is* the exact PCA.
-    report = {
-        "method": model.method,
-        "n_components": model.n_components,
-        "fitted_on_rows": int(model.n_samples),
-        "sampled": False,
-        "explained_variance_ratio": ratio,
-        "exact_explained_variance_ratio": ratio,
-        "max_principal_angle_to_exact_deg": 0.0,
-        "principal_angles_to_exact_deg": [0.0] * model.n_components,
-    }
-    return {"parts": n_parts, "counts": counts, "model": model, "pca": report}
+    return {"parts": n_parts, "counts": counts, "model": model, "pca": exact_report(model)}

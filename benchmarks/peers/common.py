@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from fruitdask import features, io
 from fruitdask.errors import StorageError
-from fruitdask.pca import Moments, PcaModel, combine_moments, exact_pca, moments
+from fruitdask.pca import Moments, PcaModel, combine_moments, exact_pca, exact_report, moments
 
 #: Extensions fruitdask lists (any case), without the dot.
 EXTENSIONS = [e.lstrip(".") for e in io.IMAGE_EXTENSIONS]
@@ -217,17 +217,7 @@ def fit_pca(total: Moments, n_components: int) -> tuple[PcaModel, dict[str, Any]
             f"only {total.n} ORB descriptors; PCA with {n_components} components needs more"
         )
     model = exact_pca(total, n_components)
-    ratio = float(model.explained_variance_ratio.sum())
-    return model, {
-        "method": "exact",
-        "n_components": model.n_components,
-        "fitted_on_rows": int(model.n_samples),
-        "sampled": False,
-        "explained_variance_ratio": ratio,
-        "exact_explained_variance_ratio": ratio,
-        "max_principal_angle_to_exact_deg": 0.0,
-        "principal_angles_to_exact_deg": [0.0] * model.n_components,
-    }
+    return model, exact_report(model)
 
 
 def project(blobs: pa.Array | pa.ChunkedArray, model: PcaModel) -> np.ndarray:
