@@ -600,19 +600,6 @@ def chart(res: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
-def _storage(args: argparse.Namespace) -> dict[str, Any]:
-    so: dict[str, Any] = {}
-    for item in args.storage_option or []:
-        k, _, v = item.partition("=")
-        try:
-            so[k] = json.loads(v)
-        except json.JSONDecodeError:
-            so[k] = v
-    if args.endpoint_url:
-        so["endpoint_url"] = args.endpoint_url
-    return so
-
-
 def _storage_args(so: dict[str, Any]) -> list[str]:
     out = []
     for k, v in so.items():
@@ -686,11 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.cores < 1:
         ap.error("--repeat and --cores must be >= 1")
 
-    from fruitdask import sample, source
+    from fruitdask import io, sample, source
 
     out_dir = Path(args.out or REPO / "bench-results" / time.strftime("compare-%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    so = _storage(args)
+    so = io.storage_options(args.storage_option, args.endpoint_url)
     server = None
     work = Path(tempfile.mkdtemp(prefix="fruitdask-compare-"))
     try:

@@ -78,6 +78,7 @@ __all__ = [
     "remove_empty_folders",
     "replace_if",
     "delete_if",
+    "storage_options",
     "write_bytes",
     "write_table",
 ]
@@ -176,6 +177,28 @@ def _check_endpoint(options: dict[str, Any]) -> None:
             f"--endpoint-url {shown}: an S3 endpoint URL takes no user or password "
             "(give the credentials as key and secret, or in the environment)"
         )
+
+
+def storage_options(
+    pairs: Sequence[str] | None, endpoint_url: str | None = None, anon: bool = False
+) -> dict[str, Any]:
+    """fsspec storage options from ``KEY=VALUE`` strings (a value is JSON when it
+    parses as JSON: numbers, booleans, nested options), an endpoint URL and
+    anonymous access, as the command lines give them."""
+    so: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise InputError(f"--storage-option expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            so[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            so[key.strip()] = value
+    if endpoint_url:
+        so["endpoint_url"] = endpoint_url
+    if anon:
+        so["anon"] = True
+    return so
 
 
 def is_local(fs) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import uuid
@@ -59,21 +58,6 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
-
-
-def storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    """fsspec options from ``--storage-option`` (values parsed as JSON when they are)
-    and ``--endpoint-url``; credentials come from the environment (AWS_*)."""
-    so: dict[str, Any] = {}
-    for item in args.storage_option or []:
-        k, _, v = item.partition("=")
-        try:
-            so[k] = json.loads(v)
-        except json.JSONDecodeError:
-            so[k] = v
-    if args.endpoint_url:
-        so["endpoint_url"] = args.endpoint_url
-    return so
 
 
 def is_s3(url: str) -> bool:
@@ -282,22 +266,11 @@ class Output:
 
 
 def versions(**engines: str) -> dict[str, str]:
-    import cv2
-    import fsspec
-    import pandas as pd
+    """fruitdask's record of the libraries (the kernel's, and the fitters' this
+    process loaded), with the engine's own version."""
+    from fruitdask.output import library_versions
 
-    import fruitdask
-
-    return {
-        "fruitdask": fruitdask.__version__,
-        "python": platform.python_version(),
-        **engines,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pa.__version__,
-        "fsspec": fsspec.__version__,
-        "opencv": cv2.__version__,
-    }
+    return {**library_versions(), **engines}
 
 
 def manifest(
@@ -358,6 +331,22 @@ def print_summary(m: dict[str, Any], output: str, as_json: bool, partitions: int
         f"keypoints, {c['error']:,} failed), {c['descriptors']:,} descriptors\n"
         f"stages: {stages}\noutput: {output}"
     )
+
+
+def main(prog: str, parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """A peer's command: parse, ``run(args)`` (which returns the manifest), print
+    the summary; a bad setting or a storage failure is one line, exit 2."""
+    from fruitdask.errors import InputError
+
+    args = parser.parse_args(argv)
+    if args.cores < 1:
+        return fail(prog, ValueError("--cores must be >= 1"))
+    try:
+        m = run(args)
+    except (io.StorageError, InputError, ValueError) as exc:
+        return fail(prog, exc)
+    print_summary(m, args.output, args.json, m["counts"]["partitions"])
+    return 0
 
 
 def fail(prog: str, exc: BaseException) -> int:

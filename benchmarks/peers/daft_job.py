@@ -292,17 +292,7 @@ def _extract_loose(args, root: str, io_config, keys, orb, timings: dict[str, flo
         )
         .collect()
     )
-    # Two Daft 0.7.26 bugs shape this: explode(index_column=..., ignore_empty_and_null=True)
-    # fails on an empty list ("Series lengths did not match"), so images without
-    # descriptors are filtered out first; and any projection right after an explode
-    # with an index column fails in the optimizer ("Column keypoint not found"), so
-    # the exploded frame is collected as it comes (the sinks select and cast).
-    descriptors = (
-        images.where(col("n_keypoints") > 0)
-        .select("path", "label", "split", "descriptor")
-        .explode("descriptor", index_column="keypoint")
-        .collect()
-    )
+    descriptors = _explode(images)
     timings["extract"] = time.perf_counter() - t
     return images, descriptors, n_listed
 
@@ -324,14 +314,28 @@ def _extract_packed(packed, io_config, orb_packed, timings: dict[str, float], ar
                 orb_packed(col("bytes"), col("path"), col("size"), col("error")))
         .collect()
     )  # fmt: skip
-    descriptors = (
+    descriptors = _explode(images)
+    timings["extract"] = time.perf_counter() - t
+    return images, descriptors, n_listed
+
+
+def _explode(images):
+    """One row per descriptor of the extracted ``images``, with its keypoint index.
+
+    Two Daft 0.7.26 bugs shape this: explode(index_column=..., ignore_empty_and_null=True)
+    fails on an empty list ("Series lengths did not match"), so images without
+    descriptors are filtered out first; and any projection right after an explode
+    with an index column fails in the optimizer ("Column keypoint not found"), so
+    the exploded frame is collected as it comes (the sinks select and cast).
+    """
+    from daft import col
+
+    return (
         images.where(col("n_keypoints") > 0)
         .select("path", "label", "split", "descriptor")
         .explode("descriptor", index_column="keypoint")
         .collect()
     )
-    timings["extract"] = time.perf_counter() - t
-    return images, descriptors, n_listed
 
 
 # ---------------------------------------------------------------- driver
@@ -349,7 +353,7 @@ def build_parser():
 
 
 def run(args) -> dict[str, Any]:
-    so = common.storage_options(args)
+    so = io.storage_options(args.storage_option, args.endpoint_url)
     timings: dict[str, float] = {}
     out = common.Output(args.output, so, args.overwrite)
     params = OrbParams()
@@ -431,15 +435,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cores < 1:
-        return common.fail(PROG, ValueError("--cores must be >= 1"))
-    try:
-        m = run(args)
-    except (io.StorageError, ValueError) as exc:
-        return common.fail(PROG, exc)
-    common.print_summary(m, args.output, args.json, m["counts"]["partitions"])
-    return 0
+    return common.main(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

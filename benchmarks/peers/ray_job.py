@@ -284,7 +284,7 @@ def stop_ray(ray_tmp: str) -> None:
 
 
 def run(args) -> dict[str, Any]:
-    so = common.storage_options(args)
+    so = io.storage_options(args.storage_option, args.endpoint_url)
     timings: dict[str, float] = {}
     out = common.Output(args.output, so, args.overwrite)
     params = OrbParams()
@@ -428,15 +428,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cores < 1:
-        return common.fail(PROG, ValueError("--cores must be >= 1"))
-    try:
-        m = run(args)
-    except (io.StorageError, ValueError) as exc:
-        return common.fail(PROG, exc)
-    common.print_summary(m, args.output, args.json, m["counts"]["partitions"])
-    return 0
+    return common.main(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from typing import Any, NoReturn, TextIO, TypeVar
 
+from fruitdask import io
 from fruitdask.cancel import StopToken
 from fruitdask.config import (
     ClusterSpec,
@@ -230,26 +230,9 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def storage_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec storage options from ``--endpoint-url``, ``--anon``, ``--storage-option``."""
-    so: dict[str, Any] = {}
-    for item in args.storage_option or []:
-        if "=" not in item:
-            raise InputError(f"--storage-option expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        so[key.strip()] = _parse_value(value)
-    if args.endpoint_url:
-        so["endpoint_url"] = args.endpoint_url
-    if args.anon:
-        so["anon"] = True
-    return so
+    return io.storage_options(args.storage_option, args.endpoint_url, args.anon)
 
 
 def build_run_config(args: argparse.Namespace, **fixed: Any) -> RunConfig:
