@@ -655,7 +655,12 @@ def test_sigterm_mid_run_exits_143_and_leaves_no_process(cli, s3, sample_dir, tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         s3.restart()
-    stderr = "".join(seen) + rest
+    _stopped_by_sigterm(cli, proc, "".join(seen) + rest, out)
+
+
+def _stopped_by_sigterm(cli, proc, stderr: str, out) -> None:
+    """Exit 143 with one last line that says so, no traceback, no process
+    left, nothing committed and the lock released."""
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
@@ -689,13 +694,7 @@ def test_sigterm_during_spark_start_up(cli, sample_dir, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("spark_parity: stopped by SIGTERM") and "no _SUCCESS written" in last
-    _no_survivors(cli)
-    assert committed_tables(str(out)) is None
-    assert not (out / "_fruitdask" / "lock.json").exists()
+    _stopped_by_sigterm(cli, proc, stderr, out)
 
 
 # ---------------------------------------------------------------- benchmarks/compare.py
