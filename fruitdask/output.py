@@ -4,7 +4,7 @@
 ``pack`` all write through :class:`OutputDir`, so the commit protocol exists
 once. Layout::
 
-    OUT/_SUCCESS                            "<run id>": the commit point, written last
+    OUT/_SUCCESS                            "<run id>": the commit point
     OUT/manifest.json                       the manifest of the run in force (a copy)
     OUT/<table>/part-00000-<run>.parquet    data files: every name carries its run id
     OUT/_fruitdask/manifests/<run>.json     the manifest of a committed run
@@ -15,11 +15,11 @@ once. Layout::
 
 Readers follow ``_SUCCESS`` -> ``_fruitdask/manifests/<run>.json`` -> its file
 list (:func:`read_committed`). A run writes its data files beside the old
-run's (different names), then its manifest, then ``manifest.json``, and swaps
-``_SUCCESS`` last: until that single write the old result is complete and in
-force, after it the new one is. Only then are the files of older runs deleted,
-and only files that a manifest or a run state lists, never whatever a folder
-happens to hold. A crash at any step leaves a complete result in force, and the
+run's (different names), then its manifest, then swaps ``_SUCCESS``: until
+that single write the old result is complete and in force, after it the new one
+is; ``manifest.json`` and the other copies at the top follow it. Only then
+are the files of older runs deleted, and only files that a manifest or a run
+state lists, never whatever a folder happens to hold. A crash at any step leaves a complete result in force, and the
 next commit finishes the cleanup. S3 has no rename; none is needed.
 """
 

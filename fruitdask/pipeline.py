@@ -13,7 +13,7 @@ Output layout (every table plain Parquet, one file per partition)::
     OUT/features/part-00000-<run>.parquet     one row per keypoint, PCA vector
     OUT/model/pca-<run>.json                  the fitted PCA
     OUT/manifest.json                         settings, counts, timings, file list
-    OUT/_SUCCESS                              written last; holds the run id
+    OUT/_SUCCESS                              the commit point; holds the run id
 """
 
 from __future__ import annotations
@@ -518,7 +518,7 @@ def summarize(
 def publish(
     client, job: Job, summary: RunSummary, model: PcaModel, timer: Timer, stop: StopToken
 ) -> None:
-    """Write the model and commit the run (``_SUCCESS`` last, then the cleanup)."""
+    """Write the model and commit the run (``_SUCCESS``, then the cleanup)."""
     stop.check()
     job.run.write_bytes(summary.files["model"][0], model.to_json().encode())
     summary.timings = timer.rounded()

@@ -1,7 +1,7 @@
 """The fruitdask job in PySpark: list -> decode + ORB -> PCA -> Parquet -> commit.
 
 It writes what ``fruitdask run`` writes (``images/``, ``descriptors/``,
-``features/``, ``model/pca-<run>.json``, ``manifest.json``, ``_SUCCESS`` last),
+``features/``, ``model/pca-<run>.json``, ``manifest.json``, ``_SUCCESS``),
 with the same schemas (:mod:`fruitdask.tables`), the same file names and the
 same commit protocol (:class:`fruitdask.output.OutputDir`), so only the
 manifest's ``"engine": "spark"`` tells which engine wrote a result. The

@@ -408,7 +408,7 @@ def run(args) -> dict[str, Any]:
     )
     timings["transform_write"] = time.perf_counter() - t
 
-    # 5. publish: model, manifest, _SUCCESS last
+    # 5. publish: model, manifest, _SUCCESS
     t = time.perf_counter()
     files["model"] = [out.write_model(model)]
     counts = {

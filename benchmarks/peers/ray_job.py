@@ -400,7 +400,7 @@ def run(args) -> dict[str, Any]:
     finally:
         stop_ray(ray_tmp)
 
-    # 5. publish: list the files, model, manifest, _SUCCESS last
+    # 5. publish: list the files, model, manifest, _SUCCESS
     t = time.perf_counter()
     files = {tbl: out.listed(tbl) for tbl in tables.TABLES}
     files["model"] = [out.write_model(model)]
