@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out or REPO / "bench-results" / time.strftime("compare-%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    so = io.storage_options(args.storage_option, args.endpoint_url)
+    so = io.parse_storage_options(args.storage_option, args.endpoint_url)
     server = None
     work = Path(tempfile.mkdtemp(prefix="fruitdask-compare-"))
     try:

@@ -78,7 +78,7 @@ __all__ = [
     "remove_empty_folders",
     "replace_if",
     "delete_if",
-    "storage_options",
+    "parse_storage_options",
     "write_bytes",
     "write_table",
 ]
@@ -179,7 +179,7 @@ def _check_endpoint(options: dict[str, Any]) -> None:
         )
 
 
-def storage_options(
+def parse_storage_options(
     pairs: Sequence[str] | None, endpoint_url: str | None = None, anon: bool = False
 ) -> dict[str, Any]:
     """fsspec storage options from ``KEY=VALUE`` strings (a value is JSON when it

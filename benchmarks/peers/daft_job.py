@@ -353,7 +353,7 @@ def build_parser():
 
 
 def run(args) -> dict[str, Any]:
-    so = io.storage_options(args.storage_option, args.endpoint_url)
+    so = io.parse_storage_options(args.storage_option, args.endpoint_url)
     timings: dict[str, float] = {}
     out = common.Output(args.output, so, args.overwrite)
     params = OrbParams()

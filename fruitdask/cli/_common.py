@@ -232,7 +232,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 def storage_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec storage options from ``--endpoint-url``, ``--anon``, ``--storage-option``."""
-    return io.storage_options(args.storage_option, args.endpoint_url, args.anon)
+    return io.parse_storage_options(args.storage_option, args.endpoint_url, args.anon)
 
 
 def build_run_config(args: argparse.Namespace, **fixed: Any) -> RunConfig:
